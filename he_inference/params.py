@@ -1,0 +1,223 @@
+"""CKKS parameters, the security table they are checked against, and their selection.
+
+A modulus chain here is ``[first, scale x depth, special]`` in bits: the first prime holds
+the integer part of the result at the last level, each of the ``depth`` middle primes is
+consumed by one rescale, and the special prime serves key switching. The sum of all of them
+is what the security bound limits.
+
+The bounds are the maximum ``log2(q*p)`` for a ternary secret and error of standard
+deviation 3.2 from the Homomorphic Encryption Standard (Albrecht et al., "Homomorphic
+Encryption Security Standard", HomomorphicEncryption.org, 2018, Table 1, classical
+security). The same table is what SEAL's ``CoeffModulus.MaxBitCount`` and OpenFHE's
+``HEStd_*_classic`` levels enforce, and the standard's estimates cover the known quantum
+lattice attacks at these sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from he_inference.errors import ConfigurationError, InsecureParametersError
+
+# Maximum total modulus bits per ring degree, per security level (HE Standard, Table 1).
+MAX_MODULUS_BITS: dict[int, dict[int, int]] = {
+    128: {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881},
+    192: {1024: 19, 2048: 37, 4096: 75, 8192: 152, 16384: 305, 32768: 611},
+    256: {1024: 14, 2048: 29, 4096: 58, 8192: 118, 16384: 237, 32768: 476},
+}
+SECURITY_LEVELS = tuple(MAX_MODULUS_BITS)
+RING_DEGREES = (1024, 2048, 4096, 8192, 16384, 32768)
+
+# SEAL's primes are at most 60 bits, and NTT-friendly primes much below 20 bits are too few.
+MAX_PRIME_BITS = 60
+MIN_PRIME_BITS = 20
+
+# The range the automatic choice tries for the scale: 2^40 gives about 25 bits of precision
+# after a deep circuit; below 2^30 the rescaling noise starts to show in logits.
+AUTO_SCALE_BITS = tuple(range(40, 29, -1))
+
+
+@dataclass(frozen=True)
+class CkksParameters:
+    """CKKS parameters shared by the compiler, the backends, the server and the client.
+
+    Attributes:
+        poly_modulus_degree: the ring degree N; a ciphertext has N/2 slots.
+        coeff_modulus_bits: bit sizes of the chain, first prime first and special prime last.
+        scale_bits: log2 of the encoding scale; the middle primes have this size.
+        security_level: classical security in bits (128, 192 or 256).
+    """
+
+    poly_modulus_degree: int
+    coeff_modulus_bits: tuple[int, ...]
+    scale_bits: int
+    security_level: int = 128
+    extra: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def slots(self) -> int:
+        """Number of complex slots of one ciphertext (N/2)."""
+        return self.poly_modulus_degree // 2
+
+    @property
+    def depth(self) -> int:
+        """Number of rescales the chain allows (the middle primes)."""
+        return len(self.coeff_modulus_bits) - 2
+
+    @property
+    def total_bits(self) -> int:
+        """Total bits of the modulus q*p that the security bound limits."""
+        return sum(self.coeff_modulus_bits)
+
+    @property
+    def first_prime_bits(self) -> int:
+        """Bits of the first prime, which holds the result at the last level."""
+        return self.coeff_modulus_bits[0]
+
+    @property
+    def special_prime_bits(self) -> int:
+        """Bits of the special prime used by key switching."""
+        return self.coeff_modulus_bits[-1]
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready form, the one written into manifests."""
+        data = asdict(self)
+        data["coeff_modulus_bits"] = list(self.coeff_modulus_bits)
+        data.pop("extra")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> CkksParameters:
+        """Rebuild parameters from :meth:`to_dict` output, validating them again.
+
+        Raises:
+            ConfigurationError: a field is missing or has the wrong type.
+            InsecureParametersError: the chain is too long for the ring degree.
+        """
+        try:
+            bits = data["coeff_modulus_bits"]
+            if not isinstance(bits, (list, tuple)):
+                raise TypeError("coeff_modulus_bits must be a list")
+            return cls(
+                poly_modulus_degree=int(data["poly_modulus_degree"]),  # type: ignore[call-overload]
+                coeff_modulus_bits=tuple(int(b) for b in bits),
+                scale_bits=int(data["scale_bits"]),  # type: ignore[call-overload]
+                security_level=int(data.get("security_level", 128)),  # type: ignore[call-overload]
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigurationError(f"invalid CKKS parameters {data!r}: {exc}") from exc
+
+    def fingerprint(self) -> str:
+        """A short hash naming these parameters, carried by every wire envelope."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def max_modulus_bits(poly_modulus_degree: int, security_level: int = 128) -> int:
+    """The largest total modulus in bits allowed for a ring degree at a security level.
+
+    Raises:
+        ConfigurationError: the security level or ring degree is not in the table.
+    """
+    if security_level not in MAX_MODULUS_BITS:
+        raise ConfigurationError(
+            f"security level {security_level} is not supported: choose one of "
+            f"{', '.join(map(str, SECURITY_LEVELS))}"
+        )
+    table = MAX_MODULUS_BITS[security_level]
+    if poly_modulus_degree not in table:
+        raise ConfigurationError(
+            f"ring degree {poly_modulus_degree} is not supported: choose one of "
+            f"{', '.join(map(str, RING_DEGREES))}"
+        )
+    return table[poly_modulus_degree]
+
+
+def validate(params: CkksParameters) -> None:
+    """Check prime sizes and the security bound.
+
+    Raises:
+        ConfigurationError: a prime size or the scale is out of range.
+        InsecureParametersError: the chain is longer than the bound for the ring degree.
+    """
+    bits = params.coeff_modulus_bits
+    if len(bits) < 2:
+        raise ConfigurationError(
+            f"the modulus chain {list(bits)} needs at least a first and a special prime"
+        )
+    for b in bits:
+        if not MIN_PRIME_BITS <= b <= MAX_PRIME_BITS:
+            raise ConfigurationError(
+                f"prime of {b} bits in chain {list(bits)}: each prime must have "
+                f"{MIN_PRIME_BITS} to {MAX_PRIME_BITS} bits"
+            )
+    if params.scale_bits >= params.first_prime_bits:
+        raise ConfigurationError(
+            f"scale 2^{params.scale_bits} leaves no room in the first prime of "
+            f"{params.first_prime_bits} bits: make the first prime larger than the scale"
+        )
+    bound = max_modulus_bits(params.poly_modulus_degree, params.security_level)
+    if params.total_bits > bound:
+        raise InsecureParametersError(
+            f"the modulus chain has {params.total_bits} bits and N={params.poly_modulus_degree}"
+            f" allows {bound} at {params.security_level}-bit security: shorten the chain "
+            f"(lower depth or scale) or use a larger ring degree"
+        )
+
+
+def chain_bits(depth: int, scale_bits: int, integer_bits: int) -> tuple[int, ...]:
+    """The chain ``[first, scale x depth, special]`` for a depth and scale."""
+    first = min(MAX_PRIME_BITS, scale_bits + integer_bits)
+    return (first, *([scale_bits] * depth), first)
+
+
+def select_parameters(
+    depth: int,
+    slots: int,
+    *,
+    scale_bits: int | None = None,
+    integer_bits: int = 20,
+    security_level: int = 128,
+    min_ring_degree: int | None = None,
+) -> CkksParameters:
+    """Choose the smallest ring degree whose security bound fits the circuit.
+
+    Args:
+        depth: rescales the circuit performs on its longest path.
+        slots: slots one ciphertext must hold (at most N/2).
+        scale_bits: log2 of the scale; ``None`` tries 2^40 down to 2^30 for each ring degree
+            and takes the largest that fits the smallest ring.
+        integer_bits: bits above the scale kept by the first prime, so results up to
+            about 2^(integer_bits - 1) in magnitude decrypt correctly.
+        security_level: 128, 192 or 256.
+        min_ring_degree: do not go below this ring degree.
+
+    Raises:
+        ConfigurationError: the arguments are out of range.
+        InsecureParametersError: no supported ring degree fits the depth at this security.
+    """
+    if depth < 0 or slots < 1:
+        raise ConfigurationError(f"depth {depth} and slots {slots} must be positive")
+    max_modulus_bits(RING_DEGREES[0], security_level)  # validates the level
+    scales = (scale_bits,) if scale_bits is not None else AUTO_SCALE_BITS
+    for degree in RING_DEGREES:
+        if degree // 2 < slots or (min_ring_degree and degree < min_ring_degree):
+            continue
+        bound = MAX_MODULUS_BITS[security_level][degree]
+        for scale in scales:
+            bits = chain_bits(depth, scale, integer_bits)
+            if sum(bits) <= bound:
+                return CkksParameters(degree, bits, scale, security_level)
+    largest = RING_DEGREES[-1]
+    needed = sum(chain_bits(depth, scales[-1], integer_bits))
+    raise InsecureParametersError(
+        f"the circuit needs depth {depth} ({needed} modulus bits at scale 2^{scales[-1]}) and "
+        f"{slots} slots; N={largest} allows "
+        f"{MAX_MODULUS_BITS[security_level][largest]} bits at {security_level}-bit security: "
+        f"lower the activation degree, fuse more layers, or use a smaller scale"
+    )
