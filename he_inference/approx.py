@@ -161,9 +161,41 @@ def chebyshev_depth(degree: int) -> int:
     return math.ceil(math.log2(degree)) + 1
 
 
-def chebyshev_cost(degree: int) -> tuple[int, int]:
+def significant_terms(coefficients: np.ndarray, scale_bits: int = 40) -> list[int]:
+    """Indices i >= 1 whose coefficient survives encoding at scale 2^scale_bits.
+
+    A coefficient below half a unit at the scale encodes to zero, and a product with a
+    zero plaintext is transparent (SEAL refuses it), so such terms are skipped. ReLU and
+    other even-plus-linear functions lose all odd terms above 1 this way, which halves
+    their multiplications.
+    """
+    threshold = 2.0 ** -(scale_bits - 1)
+    return [i for i, c in enumerate(coefficients) if i >= 1 and abs(c) >= threshold]
+
+
+def chebyshev_basis_needed(terms: list[int]) -> list[int]:
+    """Every ``T_i`` (i >= 2) the schedule computes to reach ``terms``, in order."""
+    recipe = {i: (a, b) for i, a, b in chebyshev_terms(max(terms, default=1))}
+    needed: set[int] = set()
+
+    def visit(i: int) -> None:
+        if i < 2 or i in needed:
+            return
+        a, b = recipe[i]
+        visit(a)
+        visit(b)
+        visit(a - b)
+        needed.add(i)
+
+    for i in terms:
+        visit(i)
+    return sorted(needed)
+
+
+def chebyshev_cost(coefficients: np.ndarray, scale_bits: int = 40) -> tuple[int, int]:
     """(ciphertext multiplications, plaintext multiplications) of the schedule."""
-    return max(degree - 1, 0), degree
+    terms = significant_terms(coefficients, scale_bits)
+    return len(chebyshev_basis_needed(terms)), len(terms)
 
 
 def evaluate_schedule(coefficients: np.ndarray, x: np.ndarray) -> np.ndarray:

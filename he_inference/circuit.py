@@ -239,7 +239,7 @@ def linear_rotation_steps(node: LinearNode, period: int) -> set[int]:
     return steps
 
 
-def node_cost(node: Node, degree_depth: Any = None) -> NodeCost:
+def node_cost(node: Node) -> NodeCost:
     """Operation counts of a node as the evaluator runs it."""
     if isinstance(node, LinearNode):
         n1 = node.baby_steps
@@ -260,10 +260,10 @@ def node_cost(node: Node, degree_depth: Any = None) -> NodeCost:
     if isinstance(node, PolynomialNode):
         from he_inference.approx import chebyshev_cost
 
-        mults, scalars = chebyshev_cost(node.degree)
+        mults, scalars = chebyshev_cost(node.coefficients)
         affine = 0 if (node.lower, node.upper) == (-1.0, 1.0) else 1
         return NodeCost(multiplications=mults, plain_multiplications=scalars + affine,
-                        additions=node.degree + 1, rescales=mults + 1 + affine)
+                        additions=2 * mults + scalars + 1, rescales=mults + 1 + affine)
     if node.op == "multiply":
         return NodeCost(multiplications=1, rescales=1)
     return NodeCost(additions=1)
@@ -326,7 +326,8 @@ class Circuit:
                              has_bias=node.bias is not None)
             elif isinstance(node, PolynomialNode):
                 entry.update(function=node.function, degree=node.degree,
-                             interval=[node.lower, node.upper], max_error=node.max_error)
+                             interval=[float(node.lower), float(node.upper)],
+                             max_error=float(node.max_error))
             else:
                 entry.update(op=node.op)
             nodes.append(entry)
@@ -406,10 +407,9 @@ class Circuit:
                 f"({PACKAGE_VERSION}) reads format {FORMAT_VERSION}: recompile the model"
             )
         stored = manifest.pop("content_hash", None)
-        circuit = _circuit_from(manifest, arrays)
-        if stored != circuit.content_hash():
+        if stored != _content_hash(manifest, arrays):
             raise CircuitError(f"{source} fails its content hash: the file is damaged or altered")
-        return circuit
+        return _circuit_from(manifest, arrays)
 
 
 def _content_hash(manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:

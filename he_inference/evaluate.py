@@ -1,0 +1,295 @@
+"""Runs a circuit on a backend, timing every node.
+
+The evaluator owns the schedule of each node kind, so the levels it consumes are the ones
+the compiler accounted for:
+
+- linear: baby-step rotations of each input chunk (hoisted where the backend can), one
+  plaintext product per non-zero diagonal, the products of one giant step summed before
+  their giant rotation, one rescale per output chunk, the bias, and one rotation by ``-m``
+  plus one addition to restore the ``[x, x]`` duplicate (see ``circuit.py``): one level;
+- polynomial: ``approx``'s Chebyshev schedule, ``ceil(log2 d) + 1`` levels, plus one when
+  the interval was not folded into the previous linear map;
+- binary: level alignment, then add (no level) or multiply, relinearise, rescale (one).
+
+Plaintexts (diagonals pre-rotated for their giant step, biases, coefficients) are encoded
+once per node and level and cached, so repeated queries pay only ciphertext work.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from he_inference.approx import chebyshev_basis_needed, chebyshev_terms, significant_terms
+from he_inference.backends.base import Backend, Ciphertext, Plaintext
+from he_inference.circuit import (
+    BinaryNode,
+    Circuit,
+    LinearNode,
+    Node,
+    PolynomialNode,
+    linear_schedule,
+)
+from he_inference.errors import CircuitError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeTiming:
+    """How long one circuit node took, with the ONNX nodes it came from."""
+
+    name: str
+    kind: str
+    sources: list[str]
+    level_in: int
+    level_out: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return dict(self.__dict__)
+
+
+class Evaluator:
+    """Evaluates one circuit on one backend context holding evaluation keys."""
+
+    def __init__(self, circuit: Circuit, backend: Backend) -> None:
+        if backend.params != circuit.params:
+            raise CircuitError(
+                f"backend parameters {backend.params.fingerprint()} differ from the circuit's "
+                f"{circuit.params.fingerprint()}: make the backend from circuit.params"
+            )
+        self.circuit = circuit
+        self.backend = backend
+        self.slots = circuit.params.slots
+        self.period = circuit.input_layout.period
+        self.batch = circuit.input_layout.batch
+        self._cache: dict[tuple[int, int], Any] = {}
+        self._lock = threading.Lock()
+        self._last_use = self._last_uses(circuit.nodes)
+
+    # -- public -----------------------------------------------------------------------
+
+    def run(self, inputs: Sequence[Ciphertext]) -> tuple[list[Ciphertext], list[NodeTiming]]:
+        """Evaluate on the input chunks; returns the output chunks and per-node timings.
+
+        Raises:
+            CircuitError: the number of input ciphertexts does not match the layout.
+        """
+        if len(inputs) != self.circuit.input_layout.chunks:
+            raise CircuitError(
+                f"the circuit takes {self.circuit.input_layout.chunks} input ciphertexts and "
+                f"{len(inputs)} were given"
+            )
+        values: dict[str, list[Ciphertext]] = {self.circuit.input_name: list(inputs)}
+        timings = []
+        for index, node in enumerate(self.circuit.nodes):
+            start = time.perf_counter()
+            values[node.name] = self._run_node(index, node, values)
+            seconds = time.perf_counter() - start
+            timings.append(NodeTiming(node.name, node.kind, node.sources, node.level_in,
+                                      node.level_out, seconds))
+            logger.debug("node %s (%s) took %.4f s", node.name, node.kind, seconds)
+            for name in node.inputs:
+                if self._last_use.get(name) == index and name != self.circuit.output_name:
+                    values.pop(name, None)
+        return values[self.circuit.output_name], timings
+
+    # -- node kinds ---------------------------------------------------------------------
+
+    def _run_node(self, index: int, node: Node, values: dict[str, list[Ciphertext]]) -> list[Any]:
+        if isinstance(node, LinearNode):
+            return self._linear(index, node, values[node.input])
+        if isinstance(node, PolynomialNode):
+            return [self._polynomial(index, node, ct) for ct in values[node.input]]
+        left, right = values[node.left], values[node.right]
+        if len(left) != len(right):
+            raise CircuitError(f"node {node.name}: operands span {len(left)} and "
+                               f"{len(right)} ciphertexts")
+        return [self._binary(node, a, b) for a, b in zip(left, right)]
+
+    def _linear(self, index: int, node: LinearNode, chunks: list[Ciphertext]) -> list[Any]:
+        be = self.backend
+        level = max(be.level(ct) for ct in chunks)
+        chunks = [self._at_level(ct, level) for ct in chunks]
+        plan = self._linear_plaintexts(index, node, level)
+
+        # Baby steps: every rotation of one input chunk shares one decomposition where the
+        # backend hoists (OpenFHE); the key switches are the cost that saves.
+        babies: dict[int, set[int]] = {}
+        for (_, in_chunk, baby), _ in plan["terms"]:
+            babies.setdefault(in_chunk, set()).add(baby)
+        rotated = {j: be.rotate_many(chunks[j], sorted(steps)) for j, steps in babies.items()}
+
+        outputs = []
+        for out_chunk in range(node.out_chunks):
+            total = None
+            for giant, entries in plan["giants"].get(out_chunk, {}).items():
+                inner = None
+                for in_chunk, baby, plaintext in entries:
+                    product = be.multiply_plain(rotated[in_chunk][baby], plaintext)
+                    inner = product if inner is None else be.add(inner, product)
+                if giant:
+                    inner = be.rotate(inner, giant)
+                total = inner if total is None else be.add(total, inner)
+            if total is None:
+                raise CircuitError(
+                    f"linear node {node.name} has no non-zero weight for output chunk "
+                    f"{out_chunk}: the compiler should have dropped it"
+                )
+            result = be.rescale(total)
+            bias = plan["bias"][out_chunk]
+            if bias is not None:
+                result = be.add_plain(result, bias)
+            if node.duplicate:
+                result = be.add(result, be.rotate(result, -self.period))
+            outputs.append(result)
+        return outputs
+
+    def _polynomial(self, index: int, node: PolynomialNode, x: Ciphertext) -> Ciphertext:
+        be = self.backend
+        scale_bits = self.circuit.params.scale_bits
+        if (node.lower, node.upper) != (-1.0, 1.0):
+            # Map [lower, upper] to [-1, 1]: one plaintext product, so one level.
+            alpha = 2.0 / (node.upper - node.lower)
+            beta = -(node.upper + node.lower) / (node.upper - node.lower)
+            level = be.level(x)
+            x = be.rescale(be.multiply_plain(x, be.encode(alpha, level)))
+            x = be.add_plain(x, be.encode(beta, level + 1))
+
+        terms = significant_terms(node.coefficients, scale_bits)
+        basis: dict[int, Ciphertext] = {1: x}
+        recipe = {i: (a, b) for i, a, b in chebyshev_terms(max(terms, default=1))}
+        for i in chebyshev_basis_needed(terms):
+            a, b = recipe[i]
+            left, right = self._aligned(basis[a], basis[b])
+            product = be.rescale(be.multiply(left, right))
+            doubled = be.add(product, product)
+            level = be.level(doubled)
+            if a == b:
+                basis[i] = be.add_plain(doubled, be.encode(-1.0, level))
+            else:
+                basis[i] = be.sub(doubled, self._at_level(basis[a - b], level))
+
+        constant = float(node.coefficients[0])
+        if not terms:
+            zero = be.multiply_plain(x, be.encode(0.0, be.level(x)))
+            return be.add_plain(be.rescale(zero), be.encode(constant, be.level(x) + 1))
+        top = max(be.level(basis[i]) for i in terms)
+        total = None
+        for i in terms:
+            coefficient = be.encode(float(node.coefficients[i]), top)
+            product = be.multiply_plain(self._at_level(basis[i], top), coefficient)
+            total = product if total is None else be.add(total, product)
+        result = be.rescale(total)
+        return be.add_plain(result, be.encode(constant, top + 1))
+
+    def _binary(self, node: BinaryNode, a: Ciphertext, b: Ciphertext) -> Ciphertext:
+        be = self.backend
+        a, b = self._aligned(a, b)
+        if node.op == "add":
+            return be.add(a, b)
+        if node.op == "multiply":
+            return be.rescale(be.multiply(a, b))
+        raise CircuitError(f"unknown binary op {node.op!r} in node {node.name}")
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _at_level(self, ct: Ciphertext, level: int) -> Ciphertext:
+        return ct if self.backend.level(ct) == level else self.backend.drop_to_level(ct, level)
+
+    def _aligned(self, a: Ciphertext, b: Ciphertext) -> tuple[Ciphertext, Ciphertext]:
+        level = max(self.backend.level(a), self.backend.level(b))
+        return self._at_level(a, level), self._at_level(b, level)
+
+    def _tile(self, block_values: np.ndarray) -> np.ndarray:
+        """An m-vector placed in the first half of every used 2m block, zeros elsewhere."""
+        full = np.zeros(self.slots)
+        m = self.period
+        for q in range(self.batch):
+            full[2 * m * q : 2 * m * q + m] = block_values
+        return full
+
+    def _linear_plaintexts(self, index: int, node: LinearNode, level: int) -> dict[str, Any]:
+        key = (index, level)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]  # type: ignore[no-any-return]
+            be = self.backend
+            threshold = 2.0 ** -(self.circuit.params.scale_bits - 1)
+            giants: dict[int, dict[int, list[tuple[int, int, Plaintext]]]] = {}
+            terms = []
+            n1 = node.baby_steps
+            for giant, entries in sorted(linear_schedule(node).items()):
+                for b_index, d_index in entries:
+                    block = node.blocks[b_index]
+                    diagonal = block.diagonals[d_index]
+                    if np.max(np.abs(diagonal)) < threshold:
+                        continue  # encodes to zero: the product would be transparent
+                    baby = int(block.offsets[d_index]) % n1
+                    # rot(d, -g) so that the giant rotation applied after the sum lines up.
+                    vector = np.roll(self._tile(diagonal), giant)
+                    plaintext = be.encode(vector, level)
+                    giants.setdefault(block.out_chunk, {}).setdefault(giant, []).append(
+                        (block.in_chunk, baby, plaintext))
+                    terms.append(((block.out_chunk, block.in_chunk, baby), None))
+            bias: list[Plaintext | None] = [None] * node.out_chunks
+            if node.bias is not None:
+                for i in range(node.out_chunks):
+                    if np.any(node.bias[i]):
+                        bias[i] = be.encode(self._tile(node.bias[i]), level + 1)
+            plan = {"giants": giants, "terms": terms, "bias": bias}
+            self._cache[key] = plan
+            return plan
+
+    @staticmethod
+    def _last_uses(nodes: list[Node]) -> dict[str, int]:
+        last: dict[str, int] = {}
+        for index, node in enumerate(nodes):
+            for name in node.inputs:
+                last[name] = index
+        return last
+
+
+def encrypt_input(circuit: Circuit, backend: Backend, x: np.ndarray) -> list[Ciphertext]:
+    """Pack queries per the circuit's input layout and encrypt each chunk."""
+    vectors = circuit.input_layout.pack(x, circuit.params.slots)
+    return [backend.encrypt(v) for v in vectors]
+
+
+def decrypt_output(circuit: Circuit, backend: Backend, cts: Sequence[Ciphertext]) -> np.ndarray:
+    """Decrypt result chunks and unpack them to ``[batch, *shape]`` per the output layout."""
+    vectors = np.stack([backend.decrypt(ct) for ct in cts])
+    return circuit.output_layout.unpack(vectors, circuit.params.slots)
+
+
+def evaluate(
+    circuit: Circuit, backend: Backend, inputs: Sequence[Ciphertext]
+) -> tuple[list[Ciphertext], list[NodeTiming]]:
+    """One-shot evaluation (build an :class:`Evaluator` to reuse its plaintext cache)."""
+    return Evaluator(circuit, backend).run(inputs)
+
+
+def run_local(circuit: Circuit, x: np.ndarray, backend_name: str = "plain") -> np.ndarray:
+    """Keygen, encrypt, evaluate and decrypt in one process: for checking a compile."""
+    from he_inference.backends import make_backend
+
+    backend = make_backend(backend_name, circuit.params)
+    backend.generate_keys(circuit.rotation_steps)
+    outputs, _ = evaluate(circuit, backend, encrypt_input(circuit, backend, x))
+    return decrypt_output(circuit, backend, outputs)
+
+
+def run_plain(circuit: Circuit, x: np.ndarray) -> np.ndarray:
+    """The circuit on the exact plain backend: the compiler's tests compare this."""
+    return run_local(circuit, x, "plain")
