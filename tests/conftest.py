@@ -32,14 +32,19 @@ def require_backend(name: str) -> None:
         pytest.skip(str(exc))
 
 
-@pytest.fixture(params=ALL_BACKENDS)
+def _params(names: tuple[str, ...]) -> list[object]:
+    return [pytest.param(name, marks=getattr(pytest.mark, name), id=name) if name != "plain"
+            else pytest.param(name, id=name) for name in names]
+
+
+@pytest.fixture(params=_params(ALL_BACKENDS))
 def backend_name(request: pytest.FixtureRequest) -> str:
     """Each backend name in turn, skipped where its library is missing."""
     require_backend(request.param)
     return str(request.param)
 
 
-@pytest.fixture(params=REAL_BACKENDS)
+@pytest.fixture(params=_params(REAL_BACKENDS))
 def real_backend_name(request: pytest.FixtureRequest) -> str:
     """Each encrypting backend in turn, skipped where its library is missing."""
     require_backend(request.param)

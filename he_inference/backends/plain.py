@@ -94,10 +94,10 @@ class PlainBackend(Backend):
                 if len(body) != 4 + 4 * count:
                     raise MalformedPayloadError("plain galois_keys have the wrong length")
                 self._steps = set(struct.unpack_from(f"<{count}I", body, 4))
-            elif kind == "secret_key":
-                self._secret = True
             elif body != kind.encode():
                 raise MalformedPayloadError(f"{kind} does not hold a plain {kind}")
+            if kind == "secret_key":
+                self._secret = True
         self._has_keys = True
 
     # -- data -------------------------------------------------------------------------
