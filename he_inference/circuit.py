@@ -224,36 +224,59 @@ def linear_schedule(node: LinearNode) -> dict[int, list[tuple[int, int]]]:
     return schedule
 
 
-def linear_rotation_steps(node: LinearNode, period: int) -> set[int]:
-    """Rotation steps (left, may be negative) that a linear node uses."""
-    steps: set[int] = set()
+def linear_rotation_points(node: LinearNode) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Non-zero baby steps per input chunk and giant steps (with 0) per output chunk, sorted."""
     n1 = node.baby_steps
+    babies: dict[int, set[int]] = {}
+    giants: dict[int, set[int]] = {}
     for block in node.blocks:
         for k in block.offsets.tolist():
             if k % n1:
-                steps.add(k % n1)
-            if k // n1:
-                steps.add((k // n1) * n1)
+                babies.setdefault(block.in_chunk, set()).add(k % n1)
+            giants.setdefault(block.out_chunk, set()).add((k // n1) * n1)
+    return ({j: sorted(b) for j, b in babies.items()},
+            {i: sorted(g) for i, g in giants.items()})
+
+
+def linear_rotation_steps(node: LinearNode, period: int, hoist: bool = False) -> set[int]:
+    """Rotation steps (left; may be negative) whose Galois keys a linear node needs.
+
+    Galois keys are the largest upload, so by default only the gaps between consecutive
+    steps get keys: baby steps are reached one from the next (``rot(x, b2) =
+    rot(rot(x, b1), b2 - b1)``) and giant steps by Horner's rule on the accumulated sums
+    (``sum_g rot(s_g, g) = rot(... rot(s_gk, gk - gk-1) + s_gk-1 ..., g1)``). Both take
+    exactly as many rotations as rotating each term directly, so the keys shrink from
+    ``~2 sqrt(d)`` to a handful at no cost in rotations. ``hoist`` adds a key for every
+    baby step, so a backend with hoisting (OpenFHE) can rotate one input by all of them
+    from one decomposition: more key bytes, less time.
+    """
+    babies, giants = linear_rotation_points(node)
+    steps: set[int] = set()
+    for points in babies.values():
+        steps |= set(points) if hoist else _gaps([0, *points])
+    for points in giants.values():
+        steps |= _gaps(points)
     if node.duplicate:
         steps.add(-period)
+    steps.discard(0)
     return steps
+
+
+def _gaps(points: list[int]) -> set[int]:
+    """Differences of consecutive sorted points, and the first point itself (from 0)."""
+    if not points:
+        return set()
+    return {points[0], *(b - a for a, b in zip(points, points[1:]))} - {0}
 
 
 def node_cost(node: Node) -> NodeCost:
     """Operation counts of a node as the evaluator runs it."""
     if isinstance(node, LinearNode):
-        n1 = node.baby_steps
-        babies: set[tuple[int, int]] = set()
-        giants: set[tuple[int, int]] = set()
-        diagonals = 0
-        for block in node.blocks:
-            for k in block.offsets.tolist():
-                diagonals += 1
-                if k % n1:
-                    babies.add((block.in_chunk, k % n1))
-                if k // n1:
-                    giants.add((block.out_chunk, k // n1))
-        rotations = len(babies) + len(giants) + (node.out_chunks if node.duplicate else 0)
+        babies, giants = linear_rotation_points(node)
+        diagonals = sum(int(block.offsets.size) for block in node.blocks)
+        rotations = (sum(len(b) for b in babies.values())
+                     + sum(len(g) - (1 if g[0] == 0 else 0) for g in giants.values())
+                     + (node.out_chunks if node.duplicate else 0))
         return NodeCost(rotations=rotations, plain_multiplications=diagonals,
                         additions=diagonals + (node.out_chunks if node.bias is not None else 0),
                         rescales=node.out_chunks)

@@ -34,6 +34,7 @@ from he_inference.circuit import (
     LinearNode,
     Node,
     PolynomialNode,
+    linear_rotation_points,
     linear_schedule,
 )
 from he_inference.errors import CircuitError
@@ -121,29 +122,35 @@ class Evaluator:
         chunks = [self._at_level(ct, level) for ct in chunks]
         plan = self._linear_plaintexts(index, node, level)
 
-        # Baby steps: every rotation of one input chunk shares one decomposition where the
-        # backend hoists (OpenFHE); the key switches are the cost that saves.
-        babies: dict[int, set[int]] = {}
-        for (_, in_chunk, baby), _ in plan["terms"]:
-            babies.setdefault(in_chunk, set()).add(baby)
-        rotated = {j: be.rotate_many(chunks[j], sorted(steps)) for j, steps in babies.items()}
+        rotated = {j: self._baby_rotations(chunks[j], steps)
+                   for j, steps in plan["babies"].items()}
 
         outputs = []
         for out_chunk in range(node.out_chunks):
-            total = None
-            for giant, entries in plan["giants"].get(out_chunk, {}).items():
-                inner = None
-                for in_chunk, baby, plaintext in entries:
-                    product = be.multiply_plain(rotated[in_chunk][baby], plaintext)
-                    inner = product if inner is None else be.add(inner, product)
-                if giant:
-                    inner = be.rotate(inner, giant)
-                total = inner if total is None else be.add(total, inner)
-            if total is None:
+            giants = plan["giants"].get(out_chunk, {})
+            if not any(giants.values()):
                 raise CircuitError(
                     f"linear node {node.name} has no non-zero weight for output chunk "
                     f"{out_chunk}: the compiler should have dropped it"
                 )
+            # Horner's rule over the giant steps, highest first: each rotation is by the gap
+            # to the next giant step, so only the gaps need Galois keys.
+            total = None
+            previous = None
+            for giant in sorted(giants, reverse=True):
+                inner = None
+                for in_chunk, baby, plaintext in giants[giant]:
+                    source = chunks[in_chunk] if baby == 0 else rotated[in_chunk][baby]
+                    product = be.multiply_plain(source, plaintext)
+                    inner = product if inner is None else be.add(inner, product)
+                if total is not None:
+                    total = be.rotate(total, previous - giant)
+                    total = total if inner is None else be.add(total, inner)
+                else:
+                    total = inner
+                previous = giant
+            if previous:
+                total = be.rotate(total, previous)
             result = be.rescale(total)
             bias = plan["bias"][out_chunk]
             if bias is not None:
@@ -152,6 +159,24 @@ class Evaluator:
                 result = be.add(result, be.rotate(result, -self.period))
             outputs.append(result)
         return outputs
+
+    def _baby_rotations(self, ct: Ciphertext, steps: list[int]) -> dict[int, Ciphertext]:
+        """``rot(ct, b)`` for each baby step: hoisted when every step has a key, else chained.
+
+        Chaining reaches each step from the previous one, so it needs keys only for the gaps
+        (see ``circuit.linear_rotation_steps``) and costs the same number of rotations.
+        """
+        be = self.backend
+        available = set(be.rotation_steps)
+        if be.supports_hoisting and all(be.normalise_step(s) in available for s in steps):
+            return be.rotate_many(ct, steps)
+        out: dict[int, Ciphertext] = {}
+        current, position = ct, 0
+        for step in steps:
+            current = be.rotate(current, step - position)
+            out[step] = current
+            position = step
+        return out
 
     def _polynomial(self, index: int, node: PolynomialNode, x: Ciphertext) -> Ciphertext:
         be = self.backend
@@ -228,7 +253,6 @@ class Evaluator:
             be = self.backend
             threshold = 2.0 ** -(self.circuit.params.scale_bits - 1)
             giants: dict[int, dict[int, list[tuple[int, int, Plaintext]]]] = {}
-            terms = []
             n1 = node.baby_steps
             for giant, entries in sorted(linear_schedule(node).items()):
                 for b_index, d_index in entries:
@@ -242,13 +266,19 @@ class Evaluator:
                     plaintext = be.encode(vector, level)
                     giants.setdefault(block.out_chunk, {}).setdefault(giant, []).append(
                         (block.in_chunk, baby, plaintext))
-                    terms.append(((block.out_chunk, block.in_chunk, baby), None))
             bias: list[Plaintext | None] = [None] * node.out_chunks
             if node.bias is not None:
                 for i in range(node.out_chunks):
                     if np.any(node.bias[i]):
                         bias[i] = be.encode(self._tile(node.bias[i]), level + 1)
-            plan = {"giants": giants, "terms": terms, "bias": bias}
+            # Every baby and giant step is walked, also those whose diagonals all encoded to
+            # zero, so the gaps match the Galois keys the compiler listed.
+            babies, all_giants = linear_rotation_points(node)
+            for out_chunk, points in all_giants.items():
+                for giant in points:
+                    giants.setdefault(out_chunk, {}).setdefault(giant, [])
+            plan = {"giants": giants, "babies": babies,
+                    "bias": bias}
             self._cache[key] = plan
             return plan
 
