@@ -1,0 +1,141 @@
+"""Checks on a query before it is encrypted, and the post-processing after decryption.
+
+The checks run on the client because the server cannot: it sees only ciphertexts. A value
+outside the calibrated input range is the quiet failure mode of CKKS inference, since the
+activation polynomials were fitted only on the ranges that the calibration data reached and
+diverge quickly beyond them, so it is an error unless the caller asks for a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import numpy as np
+
+from he_inference.circuit import Layout
+from he_inference.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = ("logits", "probabilities", "labels")
+
+
+def check_queries(
+    x: Any,
+    layout: Layout,
+    input_range: tuple[float, float] | None,
+    *,
+    allow_out_of_range: bool = False,
+) -> tuple[np.ndarray, str]:
+    """Validate one query ``[*shape]`` or a batch ``[n, *shape]`` against the manifest.
+
+    A model whose query shape starts with the ONNX batch dimension 1, such as
+    ``(1, 1, 8, 8)``, also takes ``n`` queries in ONNX's own batched form ``(n, 1, 8, 8)``.
+
+    Returns:
+        The queries as float64 ``[n, *shape]``, and the form they came in: ``single``,
+        ``stacked`` (``[n, *shape]``) or ``onnx`` (``[n, *shape[1:]]``).
+
+    Raises:
+        InputError: the input is not numeric, has the wrong shape, holds NaN or infinity,
+            or leaves the input range (unless ``allow_out_of_range``).
+    """
+    array = np.asarray(x)
+    if array.dtype == object or not (
+        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    ):
+        raise InputError(
+            f"the input has dtype {array.dtype}: pass real numbers (an integer or float array)"
+        )
+    shape = layout.shape
+    if array.shape == shape:
+        form, batch = "single", array.reshape(1, *shape)
+    elif array.ndim == len(shape) + 1 and array.shape[1:] == shape and array.shape[0] > 0:
+        form, batch = "stacked", array
+    elif shape and shape[0] == 1 and array.ndim == len(shape) and array.shape[1:] == shape[1:]:
+        form, batch = "onnx", array.reshape(array.shape[0], *shape)
+    else:
+        forms = [f"(n, {', '.join(map(str, shape))})"]
+        if shape and shape[0] == 1:
+            forms.append(f"(n, {', '.join(map(str, shape[1:]))})")
+        raise InputError(
+            f"the input has shape {array.shape}: the model takes one query of shape {shape} "
+            f"or a batch of shape {' or '.join(forms)}"
+        )
+    batch = batch.astype(np.float64)
+
+    finite = np.isfinite(batch)
+    if not finite.all():
+        index = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise InputError(f"the input holds {batch[index]} at index {index}: values must be finite")
+
+    if input_range is not None:
+        lower, upper = input_range
+        outside = (batch < lower) | (batch > upper)
+        if outside.any():
+            index = tuple(int(i) for i in np.argwhere(outside)[0])
+            message = (
+                f"the input holds {batch[index]:.6g} at index {index} and {int(outside.sum())} "
+                f"values in all outside the model's calibrated input range [{lower:g}, "
+                f"{upper:g}]: the activation approximations are accurate only inside it; "
+                f"scale the input as in training, or pass allow_out_of_range=True"
+            )
+            if not allow_out_of_range:
+                raise InputError(message)
+            warnings.warn(message, stacklevel=3)
+    return batch, form
+
+
+def postprocess(
+    outputs: np.ndarray,
+    out_shape: tuple[int, ...],
+    form: str,
+    steps: list[dict[str, Any]],
+    output: str,
+) -> np.ndarray:
+    """Logits, softmax probabilities or argmax labels, shaped like the queries came in.
+
+    ``outputs`` is ``[n, *out_shape]``. ``steps`` is the manifest's ``postprocess`` list (the
+    ops the compiler removed from the end of the model because they are cheap in the clear
+    and costly under encryption); its axis, counted on the ONNX output with its batch
+    dimension, is used for softmax and argmax alike, the last axis when it names none.
+
+    Raises:
+        InputError: ``output`` is not one of ``logits``, ``probabilities``, ``labels``.
+    """
+    if output not in OUTPUTS:
+        raise InputError(f"output={output!r}: choose one of {', '.join(OUTPUTS)}")
+    n = outputs.shape[0]
+    onnx_batched = bool(out_shape) and out_shape[0] == 1
+    # In ONNX's batched form [n, *out_shape[1:]] the manifest's axis means what it says.
+    result = outputs.reshape(n, *out_shape[1:]) if onnx_batched else outputs
+    if output != "logits":
+        axis = _axis(steps)
+        if onnx_batched:
+            result = _apply(result, axis, output)
+        else:
+            result = np.stack([_apply(row, axis, output) for row in result])
+    if not onnx_batched:
+        return result[0] if form == "single" else result
+    if form == "stacked":
+        return result.reshape(n, 1, *result.shape[1:])
+    return result
+
+
+def _axis(steps: list[dict[str, Any]]) -> int:
+    for step in steps:
+        if step.get("op") in ("softmax", "argmax") and "axis" in step:
+            return int(step["axis"])
+    return -1
+
+
+def _apply(values: np.ndarray, axis: int, output: str) -> np.ndarray:
+    if output == "labels":
+        labels: np.ndarray = np.argmax(values, axis=axis)
+        return labels
+    shifted = values - np.max(values, axis=axis, keepdims=True)
+    exp = np.exp(shifted)
+    probabilities: np.ndarray = exp / np.sum(exp, axis=axis, keepdims=True)
+    return probabilities

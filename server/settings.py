@@ -1,0 +1,61 @@
+"""The server's settings: one pydantic model, validated once when the app is made.
+
+Every limit has a default that suits a small machine (two cores): one evaluation at a time,
+four waiting, and bodies bounded well above what one query at N=32768 needs. Evaluation keys
+are the large upload (tens to hundreds of MB of Galois keys), so they have their own bound.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MiB = 1 << 20
+
+
+def _default_concurrency() -> int:
+    # CKKS evaluation is CPU-bound and single-threaded per request in SEAL: more concurrent
+    # evaluations than cores only adds memory (one set of intermediates each).
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+class Settings(BaseModel):
+    """Configuration of one server process.
+
+    Attributes:
+        models_dir: folder whose ``*.hec`` circuit files are served.
+        key_store_dir: folder of the evaluation-key store (created when missing).
+        backend: the CKKS library evaluations run on; ``plain`` is for tests only.
+        max_body_bytes: the largest query body accepted (413 beyond it).
+        max_key_bytes: the largest evaluation-key upload accepted (413 beyond it).
+        max_ciphertexts: the most ciphertexts one query may carry (400 beyond it).
+        max_concurrency: evaluations running at once.
+        max_queue: evaluations waiting for a slot; one more answers 503 with Retry-After.
+        retry_after_s: the Retry-After a 503 advertises.
+        key_store_cap_bytes: total bytes of stored keys; least recently used go first.
+        key_ttl_s: seconds since its last use after which a stored key expires.
+        max_loaded_contexts: backend contexts with keys loaded kept in memory.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    models_dir: Path
+    key_store_dir: Path
+    backend: Literal["seal", "openfhe", "plain"] = "seal"
+    max_body_bytes: int = Field(default=64 * MiB, gt=0)
+    max_key_bytes: int = Field(default=1024 * MiB, gt=0)
+    max_ciphertexts: int = Field(default=64, gt=0)
+    max_concurrency: int = Field(default_factory=_default_concurrency, gt=0)
+    max_queue: int = Field(default=4, ge=0)
+    retry_after_s: int = Field(default=2, gt=0)
+    key_store_cap_bytes: int = Field(default=4096 * MiB, gt=0)
+    key_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    max_loaded_contexts: int = Field(default=4, gt=0)
+
+    @field_validator("models_dir", "key_store_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return Path(value).expanduser()
