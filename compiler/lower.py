@@ -1,0 +1,463 @@
+"""Lower the normalised graph to a circuit: affine segments, polynomials and products.
+
+Every encrypted tensor has a *root*: the nearest tensor that is the data input or the output
+of a non-linear node (activation or product). Linear nodes share their input's root, so the
+linear nodes of one root form an affine segment, and each segment tensor that a non-linear
+node (or the graph output) reads becomes one ``LinearNode`` from its root, measured as a
+whole by ``affine.py``. Fusing the segment this way costs one level however many ONNX nodes
+it spans. A segment output that is exactly the identity (a Flatten, say) aliases its root
+and costs nothing.
+
+Levels: a linear map consumes one, a polynomial ``chebyshev_depth(degree)`` plus one when its
+interval is not ``[-1, 1]``, a product one, an addition none. The interval's affine map is
+folded into the preceding linear map when that map feeds only the activation, which saves
+the extra level.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from scipy import sparse
+
+from compiler.affine import AffineMap, measure_affine_maps
+from compiler.graph import ImportedModel, describe, node_key, producers
+from compiler.ops import activation_function, classify
+from compiler.packing import linear_node
+from he_inference import approx
+from he_inference.circuit import (
+    BinaryNode,
+    Circuit,
+    Layout,
+    LinearNode,
+    Node,
+    PolynomialNode,
+    linear_rotation_steps,
+)
+from he_inference.errors import ConfigurationError, UnsupportedModelError
+from he_inference.params import RING_DEGREES, select_parameters
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """What lowering decided before parameters exist: roots, segments, ranges needed."""
+
+    kinds: dict[str, str]
+    roots: dict[str, str]
+    materialised: list[str]  # linear tensors that become LinearNodes, in graph order
+    activations: list[onnx.NodeProto] = field(default_factory=list)
+
+    def range_tensors(self) -> list[str]:
+        """The tensors whose calibrated range the polynomials need."""
+        return [node.input[0] for node in self.activations]
+
+
+def plan(imported: ImportedModel) -> Plan:
+    """Classify every node and find the roots and the tensors each circuit node reads.
+
+    Raises:
+        UnsupportedModelError: a join mixes sources in a way no circuit node computes.
+    """
+    constants = imported.constants()
+    encrypted = imported.encrypted()
+    roots = {imported.input_name: imported.input_name}
+    kinds: dict[str, str] = {}
+    needed: list[str] = []
+    activations = []
+    for node in imported.graph.node:
+        kind, reason = classify(node, encrypted, constants)
+        inputs = [n for n in node.input if n in encrypted]
+        if kind == "join":
+            sources = {roots[n] for n in inputs}
+            if len(sources) == 1:
+                kind = "linear"
+            elif node.op_type in ("Add", "Sum") and len(inputs) == 2:
+                kind = "add"
+            else:
+                raise UnsupportedModelError(
+                    f"{describe(node)} joins encrypted values from {len(sources)} different "
+                    f"sources ({', '.join(sorted(sources))}): only an Add of two is supported"
+                )
+        if kind == "unsupported":
+            raise UnsupportedModelError(f"{describe(node)}: {reason}")
+        kinds[node_key(node)] = kind
+        for out in node.output:
+            if out:
+                roots[out] = roots[inputs[0]] if kind == "linear" else out
+        if kind != "linear":
+            needed.extend(inputs[:1] if kind in ("activation", "square") else inputs)
+        if kind == "activation":
+            activations.append(node)
+    needed.extend(imported.output_names)
+    materialised = [t for t in dict.fromkeys(needed) if roots.get(t, t) != t]
+    return Plan(kinds, roots, materialised, activations)
+
+
+def lower(
+    imported: ImportedModel,
+    the_plan: Plan,
+    ranges: dict[str, tuple[float, float]],
+    *,
+    name: str,
+    degree: int | None,
+    error_budget: float,
+    max_degree: int,
+    security_level: int,
+    scale_bits: int | None,
+    batch: int,
+    input_range: tuple[float, float] | None,
+) -> Circuit:
+    """Build the circuit: measure the maps, fit the polynomials, assign levels and params.
+
+    Raises:
+        ConfigurationError: no polynomial meets the error budget.
+        InsecureParametersError: no ring degree fits the depth at the security level.
+        UnsupportedModelError: a segment is not affine or shapes do not match.
+    """
+    graph = imported.graph
+    maps = _measure(imported, the_plan)
+    made = producers(graph)
+    output = imported.output_names[0]
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        if the_plan.kinds[node_key(node)] != "linear":
+            for n in set(node.input):
+                readers[n] = readers.get(n, 0) + 1
+
+    value: dict[str, str] = {imported.input_name: imported.input_name}
+    specs: list[dict[str, Any]] = []
+    linear_specs: dict[str, dict[str, Any]] = {}
+
+    def emit_linear(tensor: str) -> None:
+        matrix, bias = maps[tensor]
+        root = the_plan.roots[tensor]
+        if tensor != output and _is_identity(matrix, bias):
+            value[tensor] = value[root]
+            logger.debug("segment output %s is the identity of %s: aliased", tensor, root)
+            return
+        node_name = tensor if tensor != imported.input_name else f"{tensor}:out"
+        spec = {
+            "kind": "linear",
+            "name": node_name,
+            "input": value[root],
+            "matrix": matrix,
+            "bias": bias,
+            "sources": _segment_sources(tensor, root, made),
+            "shape": imported.shapes[tensor],
+        }
+        specs.append(spec)
+        linear_specs[tensor] = spec
+        value[tensor] = node_name
+
+    if output == imported.input_name:
+        identity = sparse.identity(int(np.prod(imported.input_shape)), format="csr")
+        maps[output] = (identity, np.zeros(identity.shape[0]))
+        the_plan.roots[output] = output
+        emit_linear(output)
+    materialised = set(the_plan.materialised)
+    for node in graph.node:
+        kind = the_plan.kinds[node_key(node)]
+        if kind == "linear":
+            for out in node.output:
+                if out in materialised:
+                    emit_linear(out)
+            continue
+        source = [node.name or node.output[0]]
+        shape = imported.shapes[node.input[0]]
+        if kind == "activation":
+            spec = _activation_spec(
+                node,
+                imported,
+                ranges,
+                linear_specs,
+                readers,
+                output,
+                degree,
+                error_budget,
+                max_degree,
+            )
+            spec.update(input=value[node.input[0]], sources=source, shape=shape)
+        else:
+            left, right = (
+                (node.input[0], node.input[0])
+                if kind == "square"
+                else (node.input[0], node.input[1])
+            )
+            if imported.shapes[left] != imported.shapes[right]:
+                raise UnsupportedModelError(
+                    f"{describe(node)} combines encrypted tensors of shapes "
+                    f"{imported.shapes[left]} and {imported.shapes[right]}: broadcasting "
+                    f"between two encrypted values is not supported"
+                )
+            spec = {
+                "kind": "binary",
+                "op": "add" if kind == "add" else "multiply",
+                "left": value[left],
+                "right": value[right],
+                "sources": source,
+                "shape": shape,
+            }
+        spec["name"] = node.output[0]
+        specs.append(spec)
+        value[node.output[0]] = node.output[0]
+
+    return _assemble(
+        imported,
+        specs,
+        value[output],
+        name=name,
+        batch=batch,
+        security_level=security_level,
+        scale_bits=scale_bits,
+        input_range=input_range,
+    )
+
+
+def _measure(imported: ImportedModel, the_plan: Plan) -> dict[str, AffineMap]:
+    made = producers(imported.graph)
+    by_root: dict[str, list[str]] = {}
+    for tensor in the_plan.materialised:
+        by_root.setdefault(the_plan.roots[tensor], []).append(tensor)
+    maps: dict[str, AffineMap] = {}
+    for root, outputs in by_root.items():
+        nodes = _segment_nodes(outputs, root, made)
+        maps.update(measure_affine_maps(imported, root, nodes, outputs))
+    logger.info("lower: %d affine segments measured into %d linear maps", len(by_root), len(maps))
+    return maps
+
+
+def _segment_nodes(
+    outputs: list[str], root: str, made: dict[str, onnx.NodeProto]
+) -> list[onnx.NodeProto]:
+    """The nodes between ``root`` and ``outputs``, in graph order."""
+    seen: set[str] = set()
+    stack = [made[o] for o in outputs if o in made]
+    while stack:
+        node = stack.pop()
+        if node_key(node) in seen:
+            continue
+        seen.add(node_key(node))
+        stack.extend(made[n] for n in node.input if n and n != root and n in made)
+    ordered: dict[str, onnx.NodeProto] = {}
+    for node in made.values():  # producers() keeps graph order
+        if node_key(node) in seen:
+            ordered.setdefault(node_key(node), node)
+    return list(ordered.values())
+
+
+def _segment_sources(tensor: str, root: str, made: dict[str, onnx.NodeProto]) -> list[str]:
+    return [n.name or n.output[0] for n in _segment_nodes([tensor], root, made)]
+
+
+def _is_identity(matrix: sparse.csr_matrix, bias: np.ndarray) -> bool:
+    if matrix.shape[0] != matrix.shape[1] or np.any(bias) or matrix.nnz != matrix.shape[0]:
+        return False
+    coo = matrix.tocoo()
+    return bool(np.all(coo.row == coo.col) and np.all(coo.data == 1.0))
+
+
+def _activation_spec(
+    node: onnx.NodeProto,
+    imported: ImportedModel,
+    ranges: dict[str, tuple[float, float]],
+    linear_specs: dict[str, dict[str, Any]],
+    readers: dict[str, int],
+    output: str,
+    degree: int | None,
+    error_budget: float,
+    max_degree: int,
+) -> dict[str, Any]:
+    fn, label = activation_function(node, imported.constants())
+    lo, hi = ranges[node.input[0]]
+    try:
+        if degree is not None:
+            fit = approx.fit(fn, lo, hi, degree)
+        else:
+            peak = float(np.max(np.abs(fn(np.linspace(lo, hi, 4097))))) or 1.0
+            try:
+                fit = approx.fit_within(fn, lo, hi, error_budget * peak, max_degree)
+            except ConfigurationError:
+                # Kinks (ReLU, Clip) converge like 1/degree: the best fit within the
+                # degree cap is more useful than a refusal, and the manifest shows its error.
+                fit = approx.fit(fn, lo, hi, max_degree)
+                logger.warning(
+                    "activation %s: no degree <= %d meets the error budget %.3g on "
+                    "[%.4g, %.4g]; using degree %d with max error %.3g (raise max_degree or "
+                    "the budget to silence this)",
+                    describe(node),
+                    max_degree,
+                    error_budget * peak,
+                    lo,
+                    hi,
+                    max_degree,
+                    fit.max_error,
+                )
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"activation {describe(node)}: {exc}") from exc
+
+    # Folding the map to [-1, 1] into the previous linear node saves one level; it is
+    # exact because the Chebyshev coefficients on [lo, hi] are those of the composed map.
+    producer = linear_specs.get(node.input[0])
+    lower, upper = fit.lower, fit.upper
+    if producer is not None and readers.get(node.input[0]) == 1 and node.input[0] != output:
+        width = hi - lo
+        producer["matrix"] = producer["matrix"] * (2.0 / width)
+        producer["bias"] = (2.0 * producer["bias"] - (lo + hi)) / width
+        lower, upper = -1.0, 1.0
+    logger.debug(
+        "activation %s on [%.4g, %.4g]: degree %d, max error %.3g",
+        label,
+        lo,
+        hi,
+        fit.degree,
+        fit.max_error,
+    )
+    return {
+        "kind": "polynomial",
+        "coefficients": fit.coefficients,
+        "lower": lower,
+        "upper": upper,
+        "function": label,
+        "max_error": fit.max_error,
+    }
+
+
+def _assemble(
+    imported: ImportedModel,
+    specs: list[dict[str, Any]],
+    output: str,
+    *,
+    name: str,
+    batch: int,
+    security_level: int,
+    scale_bits: int | None,
+    input_range: tuple[float, float] | None,
+) -> Circuit:
+    # Levels, in graph order (specs are topologically sorted).
+    level = {imported.input_name: 0}
+    for spec in specs:
+        if spec["kind"] == "linear":
+            spec["level_in"] = level[spec["input"]]
+            spec["level_out"] = spec["level_in"] + 1
+        elif spec["kind"] == "polynomial":
+            spec["level_in"] = level[spec["input"]]
+            extra = 0 if (spec["lower"], spec["upper"]) == (-1.0, 1.0) else 1
+            degree = len(spec["coefficients"]) - 1
+            spec["level_out"] = spec["level_in"] + approx.chebyshev_depth(degree) + extra
+        else:
+            spec["level_in"] = max(level[spec["left"]], level[spec["right"]])
+            spec["level_out"] = spec["level_in"] + (spec["op"] == "multiply")
+        level[spec["name"]] = spec["level_out"]
+    depth = max(level.values())
+
+    # The period: one power of two covering the largest value, capped so that a block of
+    # 2m slots per query fits the largest ring; larger values span several ciphertexts.
+    sizes = [int(np.prod(imported.input_shape))] + [int(np.prod(s["shape"])) for s in specs]
+    empty = [s["name"] for s in specs if int(np.prod(s["shape"])) == 0]
+    if empty:
+        raise UnsupportedModelError(f"tensors {empty} are empty: nothing to encrypt")
+    cap = RING_DEGREES[-1] // 4 // batch
+    if cap < 1:
+        raise ConfigurationError(f"batch {batch} does not fit one ciphertext: lower it")
+    period = min(1 << max(0, math.ceil(math.log2(max(sizes)))), cap)
+    params = select_parameters(
+        depth, 2 * period * batch, scale_bits=scale_bits, security_level=security_level
+    )
+
+    # A linear node re-duplicates its output only if a later linear node reads it.
+    reads_linear: set[str] = set()
+    for spec in reversed(specs):
+        if spec["kind"] == "linear" or spec["name"] in reads_linear:
+            reads_linear.update(
+                [spec["input"]] if "input" in spec else [spec["left"], spec["right"]]
+            )
+    nodes: list[Node] = []
+    for spec in specs:
+        common = {
+            "name": spec["name"],
+            "sources": spec["sources"],
+            "level_in": spec["level_in"],
+            "level_out": spec["level_out"],
+        }
+        if spec["kind"] == "linear":
+            node = linear_node(
+                spec["name"],
+                spec["input"],
+                spec["matrix"],
+                spec["bias"],
+                period,
+                duplicate=spec["name"] in reads_linear,
+            )
+            node.sources, node.level_in, node.level_out = (
+                common["sources"],
+                common["level_in"],
+                common["level_out"],
+            )
+            if len({b.out_chunk for b in node.blocks}) < node.out_chunks:
+                raise UnsupportedModelError(
+                    f"a whole ciphertext of {spec['name']!r} ({period} elements) does not "
+                    f"depend on the input: the evaluator needs at least one weight per chunk; "
+                    f"remove the constant part from the model"
+                )
+            nodes.append(node)
+        elif spec["kind"] == "polynomial":
+            nodes.append(
+                PolynomialNode(
+                    input=spec["input"],
+                    coefficients=spec["coefficients"],
+                    lower=spec["lower"],
+                    upper=spec["upper"],
+                    function=spec["function"],
+                    max_error=spec["max_error"],
+                    **common,
+                )
+            )
+        else:
+            nodes.append(
+                BinaryNode(left=spec["left"], right=spec["right"], op=spec["op"], **common)
+            )
+
+    steps: set[int] = set()
+    for built in nodes:
+        if isinstance(built, LinearNode):
+            steps |= linear_rotation_steps(built, period)
+    out_shape = tuple(next(s["shape"] for s in specs if s["name"] == output))
+    size_out = int(np.prod(out_shape))
+    circuit = Circuit(
+        name=name,
+        params=params,
+        input_name=imported.input_name,
+        input_layout=Layout(
+            imported.input_shape,
+            period,
+            math.ceil(int(np.prod(imported.input_shape)) / period),
+            batch,
+        ),
+        output_name=output,
+        output_layout=Layout(out_shape, period, math.ceil(size_out / period), batch),
+        nodes=nodes,
+        rotation_steps=tuple(sorted(steps)),
+        postprocess=imported.postprocess,
+        input_range=input_range,
+        metadata={
+            "source_sha256": imported.sha256,
+            "opset": imported.opset,
+            "producer": imported.producer,
+        },
+    )
+    logger.info(
+        "lower: %d nodes, depth %d, period %d, N=%d, %d rotation steps",
+        len(nodes),
+        depth,
+        period,
+        params.poly_modulus_degree,
+        len(steps),
+    )
+    return circuit

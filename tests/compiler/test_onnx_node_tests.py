@@ -1,0 +1,147 @@
+"""The ONNX backend node tests of every supported operator, compiled and run on the plain
+backend, against the outputs stored with the onnx package.
+
+Inputs other than the first are frozen into initializers (a circuit has one encrypted
+input), and each case is calibrated on its own test input. Linear operators must match to
+float32 rounding; activations within the fitted polynomial's maximum error on the
+calibrated range. Cases outside the compiler's scope are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from numpy.polynomial import Chebyshev
+from onnx import numpy_helper
+
+from compiler import compile_model
+from compiler.ops import ACTIVATION_OPS, SUPPORTED_OPS
+from he_inference.circuit import Circuit, LinearNode, PolynomialNode
+from he_inference.errors import ConfigurationError, UnsupportedModelError
+
+NODE_TESTS = Path(onnx.__file__).parent / "backend" / "test" / "data" / "node"
+
+#: Inputs larger than this are measured with that many basis vectors; skipped unless asked.
+QUICK_INPUT_SIZE = 4096
+
+#: Kinked activations meet 5% more cheaply than 1% (a kink converges like 1/degree).
+NON_SMOOTH = {
+    "Relu",
+    "LeakyRelu",
+    "PRelu",
+    "Abs",
+    "Clip",
+    "HardSigmoid",
+    "HardSwish",
+    "Elu",
+    "Selu",
+    "Celu",
+}
+
+#: Cases refused on purpose, by name prefix, with the reason.
+OUT_OF_SCOPE = {
+    "test_cast_": "casts to other precisions, or inputs holding inf/NaN",
+    "test_castlike_": "casts to other precisions, or inputs holding inf/NaN",
+    "test_split_": "several outputs: a circuit has one encrypted output",
+    "test_dropout_default_mask": "Dropout's mask output is used",
+    "test_training_dropout": "Dropout in training mode is random",
+    "test_batchnorm_epsilon_training_mode": "BatchNormalization in training mode",
+    "test_batchnorm_example_training_mode": "BatchNormalization in training mode",
+    "test_thresholdedrelu": "a discontinuous activation has no polynomial approximation",
+    "test_prelu_": "per-channel PRelu slopes are refused",
+    "test_pow": "Pow with a non-scalar or non-integer exponent",
+    "test_reduce_sum_empty_set": "empty tensors",
+    "test_reduce_l1_empty_set": "empty tensors",
+    "test_reduce_sum_square_empty_set": "empty tensors",
+    "test_reshape_allowzero_reordered": "empty tensors",
+    "test_slice_start_out_of_bounds": "empty tensors",
+    # onnxruntime, which measures every linear map, disagrees with the stored reference.
+    "test_resize_downsample_scales_cubic_align_corners": "onnxruntime differs from reference",
+    "test_resize_downsample_scales_linear_align_corners": "onnxruntime differs from reference",
+    "test_averagepool_2d_ceil_last_window_starts_on_pad": "onnxruntime differs from reference",
+}
+
+
+def _cases() -> list[str]:
+    if not NODE_TESTS.is_dir():
+        return []
+    names = []
+    for case in sorted(NODE_TESTS.iterdir()):
+        model = onnx.load(str(case / "model.onnx"), load_external_data=False)
+        ops = {n.op_type for n in model.graph.node}
+        elem = model.graph.input[0].type.tensor_type.elem_type if model.graph.input else 0
+        if ops <= SUPPORTED_OPS and elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+            names.append(case.name)
+    return names
+
+
+def _load(case: Path) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    model = onnx.load(str(case / "model.onnx"))
+    data = case / "test_data_set_0"
+    inputs = [
+        numpy_helper.to_array(onnx.load_tensor(str(p))) for p in sorted(data.glob("input_*.pb"))
+    ]
+    outputs = [
+        numpy_helper.to_array(onnx.load_tensor(str(p))) for p in sorted(data.glob("output_*.pb"))
+    ]
+    graph = model.graph
+    for value, array in zip(list(graph.input)[1:], inputs[1:], strict=True):
+        graph.initializer.append(numpy_helper.from_array(array, value.name))
+        graph.input.remove(value)
+    return model, inputs[0], outputs[0]
+
+
+def _tolerance(circuit: Circuit, x: np.ndarray, expected: np.ndarray) -> float:
+    """A bound on the output error: each polynomial's error, carried through later nodes.
+
+    A linear map scales an error by its largest absolute row sum, a polynomial by its
+    largest slope on its interval and adds its own fit error; a product scales each
+    factor's error by a bound on the other factor.
+    """
+    magnitude = max(1.0, float(np.abs(x).max()), float(np.abs(expected).max()))
+    error: dict[str, float] = {circuit.input_name: 0.0}
+    for node in circuit.nodes:
+        if isinstance(node, LinearNode):
+            rows = np.zeros((node.out_chunks, circuit.input_layout.period))
+            for block in node.blocks:
+                rows[block.out_chunk] += np.abs(block.diagonals).sum(axis=0)
+            error[node.name] = float(rows.max()) * error[node.input]
+        elif isinstance(node, PolynomialNode):
+            series = Chebyshev(node.coefficients, domain=[node.lower, node.upper])
+            slope = float(np.abs(series.deriv()(np.linspace(node.lower, node.upper, 2001))).max())
+            error[node.name] = slope * error[node.input] + node.max_error
+        elif node.op == "add":
+            error[node.name] = error[node.left] + error[node.right]
+        else:
+            error[node.name] = 2 * magnitude * (error[node.left] + error[node.right])
+    return 1.01 * error[circuit.output_name] + 1e-6 * max(1.0, float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("name", _cases())
+def test_node_case_matches_the_stored_output(name: str) -> None:
+    for prefix, reason in OUT_OF_SCOPE.items():
+        if name.startswith(prefix):
+            pytest.skip(reason)
+    model, x, expected = _load(NODE_TESTS / name)
+    if x.size > QUICK_INPUT_SIZE and not os.environ.get("HE_INFERENCE_SLOW_TESTS"):
+        pytest.skip(f"input of {x.size} elements: set HE_INFERENCE_SLOW_TESTS=1 to run")
+    ops = {n.op_type for n in model.graph.node}
+    budget = 0.05 if ops & NON_SMOOTH else 0.01
+    try:
+        circuit = compile_model(model, x, error_budget=budget, max_degree=31)
+    except (UnsupportedModelError, ConfigurationError) as exc:
+        if len(model.graph.output) > 1:
+            pytest.skip(f"several outputs: {exc}")
+        raise
+
+    from he_inference.evaluate import run_plain
+
+    got = run_plain(circuit, x).reshape(expected.shape)
+    error = float(np.abs(got - expected).max())
+    tolerance = _tolerance(circuit, x, expected)
+    kind = "activation" if ops & ACTIVATION_OPS else "linear"
+    assert error <= tolerance, f"{name}: max error {error:.3g} > {tolerance:.3g} ({kind})"
