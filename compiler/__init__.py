@@ -90,9 +90,15 @@ def compile_model(
     # Roots and segments decide which tensors become circuit values and need ranges.
     the_plan = plan(imported)
     # Polynomials are fitted on the ranges the original model's activations take.
-    ranges, observed = calibrate_ranges(
-        imported, the_plan.range_tensors(), calibration, input_range, margin
-    )
+    # The output's range too, where data is given: it sizes the first prime (see lower).
+    output = imported.output_names[0]
+    wanted = the_plan.range_tensors()
+    if calibration is not None or input_range is not None:
+        wanted = [*wanted, output]
+    ranges, observed = calibrate_ranges(imported, wanted, calibration, input_range, margin)
+    output_range = ranges.get(output)
+    if output not in the_plan.range_tensors():
+        ranges.pop(output, None)
     # Segments become measured affine maps, activations polynomials, then levels and params.
     circuit = lower(
         imported,
@@ -106,6 +112,7 @@ def compile_model(
         scale_bits=scale_bits,
         batch=batch,
         input_range=observed,
+        output_bound=max(abs(output_range[0]), abs(output_range[1])) if output_range else None,
     )
 
     verify_circuit(circuit)

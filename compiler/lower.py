@@ -113,6 +113,7 @@ def lower(
     scale_bits: int | None,
     batch: int,
     input_range: tuple[float, float] | None,
+    output_bound: float | None = None,
 ) -> Circuit:
     """Build the circuit: measure the maps, fit the polynomials, assign levels and params.
 
@@ -217,6 +218,7 @@ def lower(
         security_level=security_level,
         scale_bits=scale_bits,
         input_range=input_range,
+        output_bound=output_bound,
     )
 
 
@@ -339,6 +341,7 @@ def _assemble(
     security_level: int,
     scale_bits: int | None,
     input_range: tuple[float, float] | None,
+    output_bound: float | None,
 ) -> Circuit:
     # Levels, in graph order (specs are topologically sorted).
     level = {imported.input_name: 0}
@@ -367,8 +370,18 @@ def _assemble(
     if cap < 1:
         raise ConfigurationError(f"batch {batch} does not fit one ciphertext: lower it")
     period = min(1 << max(0, math.ceil(math.log2(max(sizes)))), cap)
+    # The first prime holds the result at the last level: |y| * scale must stay below half
+    # of it. Sizing it from the calibrated output (with a factor 4 to spare) instead of a
+    # fixed 20 bits is what lets a depth-5 circuit fit N=8192, whose keys are 10x smaller.
+    integer_bits = 20
+    if output_bound is not None:
+        integer_bits = min(30, max(8, math.ceil(math.log2(max(output_bound, 1.0))) + 3))
     params = select_parameters(
-        depth, 2 * period * batch, scale_bits=scale_bits, security_level=security_level
+        depth,
+        2 * period * batch,
+        scale_bits=scale_bits,
+        integer_bits=integer_bits,
+        security_level=security_level,
     )
 
     # A linear node re-duplicates its output only if a later linear node reads it.

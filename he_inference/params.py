@@ -34,9 +34,10 @@ RING_DEGREES = (1024, 2048, 4096, 8192, 16384, 32768)
 MAX_PRIME_BITS = 60
 MIN_PRIME_BITS = 20
 
-# The range the automatic choice tries for the scale: 2^40 gives about 25 bits of precision
-# after a deep circuit; below 2^30 the rescaling noise starts to show in logits.
-AUTO_SCALE_BITS = tuple(range(40, 29, -1))
+# The range the automatic choice tries for the scale. Encoding and rescaling noise is about
+# 2^6-2^8 units of the scale at these ring degrees, so 2^26 still leaves some 18 bits of
+# precision for values of order one, ample for logits; 2^40 is the usual ceiling.
+AUTO_SCALE_BITS = tuple(range(40, 25, -1))
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ def select_parameters(
     Args:
         depth: rescales the circuit performs on its longest path.
         slots: slots one ciphertext must hold (at most N/2).
-        scale_bits: log2 of the scale; ``None`` tries 2^40 down to 2^30 for each ring degree
+        scale_bits: log2 of the scale; ``None`` tries 2^40 down to 2^26 for each ring degree
             and takes the largest that fits the smallest ring.
         integer_bits: bits above the scale kept by the first prime, so results up to
             about 2^(integer_bits - 1) in magnitude decrypt correctly.

@@ -122,6 +122,7 @@ class SealBackend(Backend):
         self._known_parms_ids = {tuple(p) for p in self._parms_ids}
         self._known_parms_ids.add(tuple(self._context.key_parms_id()))
         self._top_index = self._context.first_context_data().chain_index()
+        self._level_scales = self._exact_scales()
 
         self._secret_key: sealapi.SecretKey | None = None
         self._public_key: sealapi.PublicKey | None = None
@@ -243,6 +244,26 @@ class SealBackend(Backend):
                 steps.append(step)
         return frozenset(steps)
 
+    def _exact_scales(self) -> list[float]:
+        """The scale of a rescaled ciphertext at each level: 2^s, then scale^2 / q dropped.
+
+        Every ciphertext of one level has this one scale, whatever path made it, so values
+        from two paths add without any correction, and every plaintext is encoded at the
+        scale of the level it meets. Declaring the scale to be 2^s after each rescale instead
+        would multiply the slots by 2^s / q_i (q_i = 1 mod 2N is only near 2^s): a relative
+        error of up to 1e-4 per level at a 28-bit scale, which a square activation doubles.
+        """
+        scales = [self._scale]
+        for level in range(self.params.depth):
+            data = self._context.get_context_data(self._parms_ids[level])
+            dropped = float(data.parms().coeff_modulus()[-1].value())
+            scales.append(scales[-1] * scales[-1] / dropped)
+        return scales
+
+    def _dropped_prime(self, level: int) -> float:
+        data = self._context.get_context_data(self._parms_ids[level])
+        return float(data.parms().coeff_modulus()[-1].value())
+
     # -- data -------------------------------------------------------------------------
 
     def encode(self, values: npt.NDArray[Any] | float, level: int = 0) -> sealapi.Plaintext:
@@ -251,13 +272,12 @@ class SealBackend(Backend):
         self.check_level(level, "encoding")
         plaintext = sealapi.Plaintext()
         parms_id = self._parms_ids[level]
+        scale = self._level_scales[level]
         if np.ndim(values) == 0:
             # A constant encodes as a constant polynomial, without a transform over slots.
-            self._encoder.encode(float(values), parms_id, self._scale, plaintext)
+            self._encoder.encode(float(values), parms_id, scale, plaintext)
         else:
-            self._encoder.encode(
-                self.pad(np.asarray(values)).tolist(), parms_id, self._scale, plaintext
-            )
+            self._encoder.encode(self.pad(np.asarray(values)).tolist(), parms_id, scale, plaintext)
         return plaintext
 
     def encrypt(self, values: npt.NDArray[Any]) -> SealCiphertext:
@@ -322,24 +342,16 @@ class SealBackend(Backend):
         return product
 
     def rescale(self, ct: SealCiphertext) -> SealCiphertext:
-        self.check_level(self.level(ct) + 1, "rescale")
-        if abs(np.log2(ct.ct.scale) - 2 * self.params.scale_bits) > 1:
+        level = self.level(ct)
+        self.check_level(level + 1, "rescale")
+        expected = self._level_scales[level] ** 2
+        if abs(ct.ct.scale / expected - 1) > 1e-9:
             raise CircuitError(
-                f"rescale expects a product at scale 2^{2 * self.params.scale_bits} and got "
-                f"scale 2^{np.log2(ct.ct.scale):.1f}: rescale once after each product only"
+                f"rescale expects a product at scale 2^{np.log2(expected):.2f} and got "
+                f"scale 2^{np.log2(ct.ct.scale):.2f}: rescale once after each product only"
             )
         out = self._apply("rescale", self._evaluator.rescale_to_next, ct.ct)
-        # Rescaling divides the scale by the dropped prime q_i, which is only close to
-        # 2^scale_bits (primes must be 1 mod 2N). Declaring the scale to be exactly
-        # 2^scale_bits multiplies every slot by q_i / 2^scale_bits, a relative error of
-        # |q_i / 2^scale_bits - 1|: for 40-bit primes at most 7e-7 at N=8192, 6.5e-6 at
-        # N=16384 and 1.7e-5 at N=32768, growing linearly with depth. It is accepted because
-        # it is one gain for all slots, below the error of the activation polynomials, and
-        # it keeps every ciphertext of a level at one scale: values from two paths add
-        # without scale matching, and weights are encoded once per level. Tracking the
-        # exact scale (SEAL's default) would need every plaintext encoded for the exact
-        # scale of its operand.
-        out.ct.scale = self._scale
+        out.ct.scale = self._level_scales[level + 1]  # equal up to the last bit of a double
         return out
 
     def drop_to_level(self, ct: SealCiphertext, level: int) -> SealCiphertext:
@@ -349,9 +361,20 @@ class SealBackend(Backend):
         self.check_level(level, "drop_to_level")
         if level == current:
             return ct
-        return self._apply(
-            "drop_to_level", self._evaluator.mod_switch_to, ct.ct, self._parms_ids[level]
+        # Switching the modulus keeps the scale of the old level, and each level has its own
+        # exact scale, so the last step is a product with 1 encoded at the scale that lands
+        # on the new level's scale after the rescale: one plaintext product, no extra level.
+        below = self._apply(
+            "drop_to_level", self._evaluator.mod_switch_to, ct.ct, self._parms_ids[level - 1]
         )
+        unit_scale = (self._level_scales[level] * self._dropped_prime(level - 1)
+                      / self._level_scales[current])
+        unit = sealapi.Plaintext()
+        self._encoder.encode(1.0, self._parms_ids[level - 1], unit_scale, unit)
+        product = self._apply("drop_to_level", self._evaluator.multiply_plain, below.ct, unit)
+        out = self._apply("drop_to_level", self._evaluator.rescale_to_next, product.ct)
+        out.ct.scale = self._level_scales[level]
+        return out
 
     def rotate(self, ct: SealCiphertext, step: int) -> SealCiphertext:
         step = self.normalise_step(step)
@@ -409,12 +432,13 @@ class SealBackend(Backend):
         ct = self._checked_load(sealapi.Ciphertext(), data, "ciphertext")
         if ct.size() != 2:
             raise MalformedPayloadError(f"a ciphertext of size {ct.size()} is not relinearised")
-        # Every ciphertext here is at the scale or, between a product and its rescale, at
-        # its square; any other scale would decrypt to wrong values without an error.
-        if ct.scale not in (self._scale, self._scale**2):
+        # Every ciphertext here is at its level's scale or, between a product and its
+        # rescale, at its square; any other scale would decrypt to wrong values silently.
+        level_scale = self._level_scales[self._level_of(ct.parms_id())]
+        if ct.scale not in (level_scale, level_scale**2):
             raise ParameterMismatchError(
                 f"a ciphertext at scale 2^{np.log2(ct.scale):.2f} does not fit this context's "
-                f"scale 2^{self.params.scale_bits}"
+                f"scale 2^{np.log2(level_scale):.2f} at its level"
             )
         return SealCiphertext(self, ct)
 
