@@ -65,13 +65,14 @@ def measure(backend_name: str, ring_degree: int, repeat: int) -> dict[str, Any]:
         "encode": _median_seconds(lambda: client.encode(values, 0), repeat),
         "add": _median_seconds(lambda: client.add(a, b), repeat),
         "multiply_plain_rescale": _median_seconds(
-            lambda: client.rescale(client.multiply_plain(a, plaintext)), repeat),
+            lambda: client.rescale(client.multiply_plain(a, plaintext)), repeat
+        ),
         "multiply_relinearize_rescale": _median_seconds(
-            lambda: client.rescale(client.multiply(a, b)), repeat),
+            lambda: client.rescale(client.multiply(a, b)), repeat
+        ),
         "rescale": _median_seconds(lambda: client.rescale(product), repeat),
         "rotate": _median_seconds(lambda: client.rotate(a, 1), repeat),
-        "rotate_8_steps": _median_seconds(lambda: client.rotate_many(a, ROTATION_STEPS),
-                                          repeat),
+        "rotate_8_steps": _median_seconds(lambda: client.rotate_many(a, ROTATION_STEPS), repeat),
     }
     return {
         "backend": backend_name,
@@ -87,8 +88,9 @@ def measure(backend_name: str, ring_degree: int, repeat: int) -> dict[str, Any]:
             "galois_keys_per_step": len(keys["galois_keys"]) // len(ROTATION_STEPS),
             "secret_key": len(keys["secret_key"]),
             "ciphertext_fresh": len(client.serialize_ciphertext(a)),
-            "ciphertext_after_multiply": len(client.serialize_ciphertext(client.rescale(
-                client.multiply(a, b)))),
+            "ciphertext_after_multiply": len(
+                client.serialize_ciphertext(client.rescale(client.multiply(a, b)))
+            ),
         },
         "seconds": times,
     }
@@ -96,9 +98,11 @@ def measure(backend_name: str, ring_degree: int, repeat: int) -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width text table of the measurements."""
-    header = (f"{'backend':8} {'N':>6} {'L':>3} {'keygen s':>9} {'relin KB':>9} "
-              f"{'galois KB/step':>14} {'ct KB':>7} {'enc ms':>7} {'dec ms':>7} "
-              f"{'add ms':>7} {'ptmul ms':>8} {'mul ms':>7} {'rot ms':>7} {'8rot ms':>8}")
+    header = (
+        f"{'backend':8} {'N':>6} {'L':>3} {'keygen s':>9} {'relin KB':>9} "
+        f"{'galois KB/step':>14} {'ct KB':>7} {'enc ms':>7} {'dec ms':>7} "
+        f"{'add ms':>7} {'ptmul ms':>8} {'mul ms':>7} {'rot ms':>7} {'8rot ms':>8}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         s, b = r["seconds"], r["bytes"]
@@ -109,7 +113,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{s['encrypt'] * 1e3:>7.1f} {s['decrypt'] * 1e3:>7.1f} {s['add'] * 1e3:>7.2f} "
             f"{s['multiply_plain_rescale'] * 1e3:>8.1f} "
             f"{s['multiply_relinearize_rescale'] * 1e3:>7.1f} {s['rotate'] * 1e3:>7.1f} "
-            f"{s['rotate_8_steps'] * 1e3:>8.1f}")
+            f"{s['rotate_8_steps'] * 1e3:>8.1f}"
+        )
     return "\n".join(lines)
 
 

@@ -42,6 +42,7 @@ def compile_model(
     batch: int = 1,
     name: str | None = None,
     margin: float = 0.1,
+    backend: str = "seal",
 ) -> Circuit:
     """Compile an ONNX model into a CKKS circuit.
 
@@ -60,6 +61,8 @@ def compile_model(
         batch: queries packed side by side in one ciphertext (throughput mode).
         name: the circuit's name; the file name or the graph name by default.
         margin: each calibrated range is widened by this fraction of its width per side.
+        backend: the backend the circuit will run on; its key switching shapes the chain
+            (OpenFHE reserves a 60-bit key-switching prime, so it may need a larger ring).
 
     Raises:
         InvalidModelError: the model is not valid ONNX or has the wrong inputs or outputs.
@@ -113,6 +116,7 @@ def compile_model(
         batch=batch,
         input_range=observed,
         output_bound=max(abs(output_range[0]), abs(output_range[1])) if output_range else None,
+        backend=backend,
     )
 
     verify_circuit(circuit)

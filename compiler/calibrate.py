@@ -96,7 +96,8 @@ def calibrate_ranges(
     low = {name: np.inf for name in names}
     high = {name: -np.inf for name in names}
     for sample in samples:
-        for name, value in zip(names, run.run(names, {imported.input_name: sample}), strict=True):
+        feed = {imported.input_name: np.asarray(sample, dtype=imported.input_dtype)}
+        for name, value in zip(names, run.run(names, feed), strict=True):
             low[name] = min(low[name], float(np.min(value)))
             high[name] = max(high[name], float(np.max(value)))
     ranges = {name: widen(low[name], high[name], margin) for name in names}

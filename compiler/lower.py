@@ -114,6 +114,7 @@ def lower(
     batch: int,
     input_range: tuple[float, float] | None,
     output_bound: float | None = None,
+    backend: str = "seal",
 ) -> Circuit:
     """Build the circuit: measure the maps, fit the polynomials, assign levels and params.
 
@@ -219,6 +220,7 @@ def lower(
         scale_bits=scale_bits,
         input_range=input_range,
         output_bound=output_bound,
+        backend=backend,
     )
 
 
@@ -342,6 +344,7 @@ def _assemble(
     scale_bits: int | None,
     input_range: tuple[float, float] | None,
     output_bound: float | None,
+    backend: str,
 ) -> Circuit:
     # Levels, in graph order (specs are topologically sorted).
     level = {imported.input_name: 0}
@@ -382,6 +385,7 @@ def _assemble(
         scale_bits=scale_bits,
         integer_bits=integer_bits,
         security_level=security_level,
+        backend=backend,
     )
 
     # A linear node re-duplicates its output only if a later linear node reads it.
@@ -463,6 +467,7 @@ def _assemble(
             "source_sha256": imported.sha256,
             "opset": imported.opset,
             "producer": imported.producer,
+            "backend": backend,
         },
     )
     logger.info(

@@ -70,7 +70,7 @@ def activation(op_type: str, **attrs: float) -> Activation:
             return lambda x: 0.5 * x * (1 + np.tanh(0.7978845608028654 * (x + 0.044715 * x**3)))
         return lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
     if op_type == "Erf":
-        return _erf  # type: ignore[no-any-return]
+        return _erf
     if op_type in ("SiLU", "Swish"):
         return lambda x: x * _sigmoid(x)
     if op_type == "HardSwish":
@@ -203,4 +203,7 @@ def evaluate_schedule(coefficients: np.ndarray, x: np.ndarray) -> np.ndarray:
     T: dict[int, np.ndarray] = {0: np.ones_like(x), 1: x}
     for i, a, b in chebyshev_terms(len(coefficients) - 1):
         T[i] = 2 * T[a] * T[b] - T[a - b]
-    return sum(c * T[i] for i, c in enumerate(coefficients))  # type: ignore[return-value]
+    total = np.zeros_like(x)
+    for i, c in enumerate(coefficients):
+        total = total + c * T[i]
+    return total

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,8 @@ class Layout:
             )
         i = np.arange(self.size)
         q = np.arange(self.batch)[:, None]
-        return (i // m) * slots + q * 2 * m + (i % m)
+        indices: np.ndarray = (i // m) * slots + q * 2 * m + (i % m)
+        return indices
 
     def pack(self, x: np.ndarray, slots: int) -> np.ndarray:
         """Slot vectors ``[chunks, slots]`` for ``batch`` queries ``[batch, *shape]``.
@@ -99,19 +101,30 @@ class Layout:
         """Tensors ``[batch, *shape]`` from decrypted slot vectors ``[chunks, slots]``."""
         vectors = np.asarray(vectors, dtype=np.float64).reshape(-1)
         if vectors.size != self.chunks * slots:
-            raise CircuitError(f"{vectors.size} slots decrypted, layout needs {self.chunks * slots}")
-        return vectors[self.slot_indices(slots)].reshape(self.batch, *self.shape)
+            raise CircuitError(
+                f"{vectors.size} slots decrypted, layout needs {self.chunks * slots}"
+            )
+        tensors: np.ndarray = vectors[self.slot_indices(slots)]
+        return tensors.reshape(self.batch, *self.shape)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"shape": list(self.shape), "period": self.period, "chunks": self.chunks,
-                "batch": self.batch}
+        return {
+            "shape": list(self.shape),
+            "period": self.period,
+            "chunks": self.chunks,
+            "batch": self.batch,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Layout:
         """Inverse of :meth:`to_dict`."""
-        return cls(tuple(int(s) for s in data["shape"]), int(data["period"]),
-                   int(data["chunks"]), int(data.get("batch", 1)))
+        return cls(
+            tuple(int(s) for s in data["shape"]),
+            int(data["period"]),
+            int(data["chunks"]),
+            int(data.get("batch", 1)),
+        )
 
 
 @dataclass
@@ -208,7 +221,7 @@ class BinaryNode:
         return [self.left, self.right]
 
 
-Node = Union[LinearNode, PolynomialNode, BinaryNode]
+Node = LinearNode | PolynomialNode | BinaryNode
 
 
 # -- baby-step giant-step schedule and costs ------------------------------------------------
@@ -234,8 +247,7 @@ def linear_rotation_points(node: LinearNode) -> tuple[dict[int, list[int]], dict
             if k % n1:
                 babies.setdefault(block.in_chunk, set()).add(k % n1)
             giants.setdefault(block.out_chunk, set()).add((k // n1) * n1)
-    return ({j: sorted(b) for j, b in babies.items()},
-            {i: sorted(g) for i, g in giants.items()})
+    return ({j: sorted(b) for j, b in babies.items()}, {i: sorted(g) for i, g in giants.items()})
 
 
 def linear_rotation_steps(node: LinearNode, period: int, hoist: bool = False) -> set[int]:
@@ -266,7 +278,7 @@ def _gaps(points: list[int]) -> set[int]:
     """Differences of consecutive sorted points, and the first point itself (from 0)."""
     if not points:
         return set()
-    return {points[0], *(b - a for a, b in zip(points, points[1:]))} - {0}
+    return {points[0], *(b - a for a, b in itertools.pairwise(points))} - {0}
 
 
 def node_cost(node: Node) -> NodeCost:
@@ -274,19 +286,28 @@ def node_cost(node: Node) -> NodeCost:
     if isinstance(node, LinearNode):
         babies, giants = linear_rotation_points(node)
         diagonals = sum(int(block.offsets.size) for block in node.blocks)
-        rotations = (sum(len(b) for b in babies.values())
-                     + sum(len(g) - (1 if g[0] == 0 else 0) for g in giants.values())
-                     + (node.out_chunks if node.duplicate else 0))
-        return NodeCost(rotations=rotations, plain_multiplications=diagonals,
-                        additions=diagonals + (node.out_chunks if node.bias is not None else 0),
-                        rescales=node.out_chunks)
+        rotations = (
+            sum(len(b) for b in babies.values())
+            + sum(len(g) - (1 if g[0] == 0 else 0) for g in giants.values())
+            + (node.out_chunks if node.duplicate else 0)
+        )
+        return NodeCost(
+            rotations=rotations,
+            plain_multiplications=diagonals,
+            additions=diagonals + (node.out_chunks if node.bias is not None else 0),
+            rescales=node.out_chunks,
+        )
     if isinstance(node, PolynomialNode):
         from he_inference.approx import chebyshev_cost
 
         mults, scalars = chebyshev_cost(node.coefficients)
         affine = 0 if (node.lower, node.upper) == (-1.0, 1.0) else 1
-        return NodeCost(multiplications=mults, plain_multiplications=scalars + affine,
-                        additions=2 * mults + scalars + 1, rescales=mults + 1 + affine)
+        return NodeCost(
+            multiplications=mults,
+            plain_multiplications=scalars + affine,
+            additions=2 * mults + scalars + 1,
+            rescales=mults + 1 + affine,
+        )
     if node.op == "multiply":
         return NodeCost(multiplications=1, rescales=1)
     return NodeCost(additions=1)
@@ -337,20 +358,30 @@ class Circuit:
         nodes = []
         for node in self.nodes:
             entry: dict[str, Any] = {
-                "kind": node.kind, "name": node.name, "inputs": node.inputs,
-                "sources": node.sources, "level_in": node.level_in,
-                "level_out": node.level_out, "cost": node_cost(node).to_dict(),
+                "kind": node.kind,
+                "name": node.name,
+                "inputs": node.inputs,
+                "sources": node.sources,
+                "level_in": node.level_in,
+                "level_out": node.level_out,
+                "cost": node_cost(node).to_dict(),
             }
             if isinstance(node, LinearNode):
-                entry.update(in_chunks=node.in_chunks, out_chunks=node.out_chunks,
-                             baby_steps=node.baby_steps, duplicate=node.duplicate,
-                             blocks=[[b.out_chunk, b.in_chunk, int(b.offsets.size)]
-                                     for b in node.blocks],
-                             has_bias=node.bias is not None)
+                entry.update(
+                    in_chunks=node.in_chunks,
+                    out_chunks=node.out_chunks,
+                    baby_steps=node.baby_steps,
+                    duplicate=node.duplicate,
+                    blocks=[[b.out_chunk, b.in_chunk, int(b.offsets.size)] for b in node.blocks],
+                    has_bias=node.bias is not None,
+                )
             elif isinstance(node, PolynomialNode):
-                entry.update(function=node.function, degree=node.degree,
-                             interval=[float(node.lower), float(node.upper)],
-                             max_error=float(node.max_error))
+                entry.update(
+                    function=node.function,
+                    degree=node.degree,
+                    interval=[float(node.lower), float(node.upper)],
+                    max_error=float(node.max_error),
+                )
             else:
                 entry.update(op=node.op)
             nodes.append(entry)
@@ -381,7 +412,7 @@ class Circuit:
         arrays = dict(self.iter_arrays())
         manifest["content_hash"] = _content_hash(manifest, arrays)
         weights = io.BytesIO()
-        np.savez(weights, **arrays)
+        np.savez(weights, **arrays)  # type: ignore[arg-type]
         out = io.BytesIO()
         with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
             zf.writestr("manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
@@ -450,29 +481,54 @@ def _circuit_from(manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> Ci
     try:
         nodes: list[Node] = []
         for i, entry in enumerate(manifest["nodes"]):
-            common = {"name": entry["name"], "sources": list(entry["sources"]),
-                      "level_in": int(entry["level_in"]), "level_out": int(entry["level_out"])}
+            common = {
+                "name": entry["name"],
+                "sources": list(entry["sources"]),
+                "level_in": int(entry["level_in"]),
+                "level_out": int(entry["level_out"]),
+            }
             if entry["kind"] == "linear":
                 blocks = [
-                    LinearBlock(int(o), int(c), arrays[f"n{i}.b{j}.offsets"].astype(np.int64),
-                                arrays[f"n{i}.b{j}.diagonals"].astype(np.float64))
+                    LinearBlock(
+                        int(o),
+                        int(c),
+                        arrays[f"n{i}.b{j}.offsets"].astype(np.int64),
+                        arrays[f"n{i}.b{j}.diagonals"].astype(np.float64),
+                    )
                     for j, (o, c, _) in enumerate(entry["blocks"])
                 ]
                 bias = arrays.get(f"n{i}.bias") if entry["has_bias"] else None
-                nodes.append(LinearNode(input=entry["inputs"][0], in_chunks=entry["in_chunks"],
-                                        out_chunks=entry["out_chunks"], blocks=blocks,
-                                        bias=bias, baby_steps=int(entry["baby_steps"]),
-                                        duplicate=bool(entry["duplicate"]), **common))
+                nodes.append(
+                    LinearNode(
+                        input=entry["inputs"][0],
+                        in_chunks=entry["in_chunks"],
+                        out_chunks=entry["out_chunks"],
+                        blocks=blocks,
+                        bias=bias,
+                        baby_steps=int(entry["baby_steps"]),
+                        duplicate=bool(entry["duplicate"]),
+                        **common,
+                    )
+                )
             elif entry["kind"] == "polynomial":
                 lower, upper = entry["interval"]
-                nodes.append(PolynomialNode(input=entry["inputs"][0],
-                                            coefficients=arrays[f"n{i}.coefficients"],
-                                            lower=float(lower), upper=float(upper),
-                                            function=entry["function"],
-                                            max_error=float(entry["max_error"]), **common))
+                nodes.append(
+                    PolynomialNode(
+                        input=entry["inputs"][0],
+                        coefficients=arrays[f"n{i}.coefficients"],
+                        lower=float(lower),
+                        upper=float(upper),
+                        function=entry["function"],
+                        max_error=float(entry["max_error"]),
+                        **common,
+                    )
+                )
             elif entry["kind"] == "binary":
-                nodes.append(BinaryNode(left=entry["inputs"][0], right=entry["inputs"][1],
-                                        op=entry["op"], **common))
+                nodes.append(
+                    BinaryNode(
+                        left=entry["inputs"][0], right=entry["inputs"][1], op=entry["op"], **common
+                    )
+                )
             else:
                 raise ValueError(f"unknown node kind {entry['kind']!r}")
         rng = manifest.get("input_range")

@@ -50,12 +50,18 @@ def _row_for(rows: list[dict[str, Any]], backend: str, ring_degree: int) -> dict
     candidates = [r for r in rows if r["backend"] == backend]
     if not candidates:
         raise ConfigurationError(f"the cost table has no rows for backend {backend!r}")
-    return min(candidates, key=lambda r: abs(r["poly_modulus_degree"] - ring_degree)
-               + (0 if r["poly_modulus_degree"] == ring_degree else 1))
+    return min(
+        candidates,
+        key=lambda r: (
+            abs(r["poly_modulus_degree"] - ring_degree)
+            + (0 if r["poly_modulus_degree"] == ring_degree else 1)
+        ),
+    )
 
 
-def estimate(circuit: Circuit, backend: str = "seal",
-             rows: list[dict[str, Any]] | None = None) -> list[NodeEstimate]:
+def estimate(
+    circuit: Circuit, backend: str = "seal", rows: list[dict[str, Any]] | None = None
+) -> list[NodeEstimate]:
     """Estimated seconds per node of ``circuit`` on ``backend``."""
     rows = rows if rows is not None else load_table()
     row = _row_for(rows, backend, circuit.params.poly_modulus_degree)
@@ -71,12 +77,12 @@ def estimate(circuit: Circuit, backend: str = "seal",
         rotate = seconds["rotate"]
         if row.get("hoisted_rotations"):
             rotate = seconds["rotate_8_steps"] / 8
-        total = (cost.rotations * rotate
-                 + cost.plain_multiplications * (seconds["multiply_plain_rescale"]
-                                                 - seconds["rescale"])
-                 + cost.multiplications * (seconds["multiply_relinearize_rescale"]
-                                           - seconds["rescale"])
-                 + cost.rescales * seconds["rescale"]
-                 + cost.additions * seconds["add"])
+        total = (
+            cost.rotations * rotate
+            + cost.plain_multiplications * (seconds["multiply_plain_rescale"] - seconds["rescale"])
+            + cost.multiplications * (seconds["multiply_relinearize_rescale"] - seconds["rescale"])
+            + cost.rescales * seconds["rescale"]
+            + cost.additions * seconds["add"]
+        )
         out.append(NodeEstimate(node.name, node.kind, total * factor))
     return out

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,8 +78,18 @@ class Evaluator:
 
     # -- public -----------------------------------------------------------------------
 
-    def run(self, inputs: Sequence[Ciphertext]) -> tuple[list[Ciphertext], list[NodeTiming]]:
+    def run(
+        self,
+        inputs: Sequence[Ciphertext],
+        on_node: Callable[[Node, list[Ciphertext], NodeTiming], None] | None = None,
+    ) -> tuple[list[Ciphertext], list[NodeTiming]]:
         """Evaluate on the input chunks; returns the output chunks and per-node timings.
+
+        Args:
+            inputs: the input value's ciphertexts, one per chunk of the input layout.
+            on_node: called after each node with the node, its output ciphertexts and its
+                timing, outside the timed span (the benchmark decrypts intermediate values
+                with it, holding the secret key itself); ``None`` on the server.
 
         Raises:
             CircuitError: the number of input ciphertexts does not match the layout.
@@ -95,9 +105,13 @@ class Evaluator:
             start = time.perf_counter()
             values[node.name] = self._run_node(index, node, values)
             seconds = time.perf_counter() - start
-            timings.append(NodeTiming(node.name, node.kind, node.sources, node.level_in,
-                                      node.level_out, seconds))
+            timing = NodeTiming(
+                node.name, node.kind, node.sources, node.level_in, node.level_out, seconds
+            )
+            timings.append(timing)
             logger.debug("node %s (%s) took %.4f s", node.name, node.kind, seconds)
+            if on_node is not None:
+                on_node(node, values[node.name], timing)
             for name in node.inputs:
                 if self._last_use.get(name) == index and name != self.circuit.output_name:
                     values.pop(name, None)
@@ -112,9 +126,10 @@ class Evaluator:
             return [self._polynomial(index, node, ct) for ct in values[node.input]]
         left, right = values[node.left], values[node.right]
         if len(left) != len(right):
-            raise CircuitError(f"node {node.name}: operands span {len(left)} and "
-                               f"{len(right)} ciphertexts")
-        return [self._binary(node, a, b) for a, b in zip(left, right)]
+            raise CircuitError(
+                f"node {node.name}: operands span {len(left)} and {len(right)} ciphertexts"
+            )
+        return [self._binary(node, a, b) for a, b in zip(left, right, strict=True)]
 
     def _linear(self, index: int, node: LinearNode, chunks: list[Ciphertext]) -> list[Any]:
         be = self.backend
@@ -122,8 +137,9 @@ class Evaluator:
         chunks = [self._at_level(ct, level) for ct in chunks]
         plan = self._linear_plaintexts(index, node, level)
 
-        rotated = {j: self._baby_rotations(chunks[j], steps)
-                   for j, steps in plan["babies"].items()}
+        rotated = {
+            j: self._baby_rotations(chunks[j], steps) for j, steps in plan["babies"].items()
+        }
 
         outputs = []
         for out_chunk in range(node.out_chunks):
@@ -265,7 +281,8 @@ class Evaluator:
                     vector = np.roll(self._tile(diagonal), giant)
                     plaintext = be.encode(vector, level)
                     giants.setdefault(block.out_chunk, {}).setdefault(giant, []).append(
-                        (block.in_chunk, baby, plaintext))
+                        (block.in_chunk, baby, plaintext)
+                    )
             bias: list[Plaintext | None] = [None] * node.out_chunks
             if node.bias is not None:
                 for i in range(node.out_chunks):
@@ -277,8 +294,7 @@ class Evaluator:
             for out_chunk, points in all_giants.items():
                 for giant in points:
                     giants.setdefault(out_chunk, {}).setdefault(giant, [])
-            plan = {"giants": giants, "babies": babies,
-                    "bias": bias}
+            plan = {"giants": giants, "babies": babies, "bias": bias}
             self._cache[key] = plan
             return plan
 

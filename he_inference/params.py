@@ -171,10 +171,30 @@ def validate(params: CkksParameters) -> None:
         )
 
 
-def chain_bits(depth: int, scale_bits: int, integer_bits: int) -> tuple[int, ...]:
-    """The chain ``[first, scale x depth, special]`` for a depth and scale."""
-    first = min(MAX_PRIME_BITS, scale_bits + integer_bits)
-    return (first, *([scale_bits] * depth), first)
+def chain_bits(
+    depth: int,
+    scale_bits: int,
+    integer_bits: int,
+    special_prime_bits: int | None = None,
+    max_first_bits: int = MAX_PRIME_BITS,
+) -> tuple[int, ...]:
+    """The chain ``[first, scale x depth, special]`` for a depth and scale.
+
+    The special prime defaults to the first prime's size: SEAL's key switching adds noise
+    in proportion to the largest prime over the special one, so it must not be smaller.
+    """
+    first = min(max_first_bits, scale_bits + integer_bits)
+    return (first, *([scale_bits] * depth), special_prime_bits or first)
+
+
+# What each backend's key switching needs of the chain. OpenFHE sizes its own key-switching
+# primes (P) in 60-bit primes, and one such prime covers digits of up to 55 bits; SEAL uses
+# the special prime as given.
+BACKEND_CHAIN_RULES: dict[str, dict[str, int]] = {
+    "seal": {},
+    "plain": {},
+    "openfhe": {"special_prime_bits": 60, "max_first_bits": 55},
+}
 
 
 def select_parameters(
@@ -185,6 +205,7 @@ def select_parameters(
     integer_bits: int = 20,
     security_level: int = 128,
     min_ring_degree: int | None = None,
+    backend: str = "seal",
 ) -> CkksParameters:
     """Choose the smallest ring degree whose security bound fits the circuit.
 
@@ -197,6 +218,7 @@ def select_parameters(
             about 2^(integer_bits - 1) in magnitude decrypt correctly.
         security_level: 128, 192 or 256.
         min_ring_degree: do not go below this ring degree.
+        backend: the backend the parameters are for (its key switching shapes the chain).
 
     Raises:
         ConfigurationError: the arguments are out of range.
@@ -205,17 +227,22 @@ def select_parameters(
     if depth < 0 or slots < 1:
         raise ConfigurationError(f"depth {depth} and slots {slots} must be positive")
     max_modulus_bits(RING_DEGREES[0], security_level)  # validates the level
+    rules = BACKEND_CHAIN_RULES.get(backend)
+    if rules is None:
+        raise ConfigurationError(
+            f"unknown backend {backend!r}: choose one of {', '.join(BACKEND_CHAIN_RULES)}"
+        )
     scales = (scale_bits,) if scale_bits is not None else AUTO_SCALE_BITS
     for degree in RING_DEGREES:
         if degree // 2 < slots or (min_ring_degree and degree < min_ring_degree):
             continue
         bound = MAX_MODULUS_BITS[security_level][degree]
         for scale in scales:
-            bits = chain_bits(depth, scale, integer_bits)
+            bits = chain_bits(depth, scale, integer_bits, **rules)
             if sum(bits) <= bound:
                 return CkksParameters(degree, bits, scale, security_level)
     largest = RING_DEGREES[-1]
-    needed = sum(chain_bits(depth, scales[-1], integer_bits))
+    needed = sum(chain_bits(depth, scales[-1], integer_bits, **rules))
     raise InsecureParametersError(
         f"the circuit needs depth {depth} ({needed} modulus bits at scale 2^{scales[-1]}) and "
         f"{slots} slots; N={largest} allows "

@@ -33,8 +33,12 @@ def require_backend(name: str) -> None:
 
 
 def _params(names: tuple[str, ...]) -> list[object]:
-    return [pytest.param(name, marks=getattr(pytest.mark, name), id=name) if name != "plain"
-            else pytest.param(name, id=name) for name in names]
+    return [
+        pytest.param(name, marks=getattr(pytest.mark, name), id=name)
+        if name != "plain"
+        else pytest.param(name, id=name)
+        for name in names
+    ]
 
 
 @pytest.fixture(params=_params(ALL_BACKENDS))

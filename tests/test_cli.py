@@ -131,7 +131,7 @@ def test_demo_runs_end_to_end_on_plain(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "agreement encrypted vs plaintext 100%" in result.output
-    assert (tmp_path / "digits_cnn_square.hec").is_file()
+    assert (tmp_path / "plain" / "digits_cnn_square.hec").is_file()
 
 
 def test_keygen_then_predict_json_against_a_local_server(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ DIGITS = 3
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
-def _workload() -> tuple[Circuit, np.ndarray, np.ndarray]:
+def _workload(backend: str) -> tuple[Circuit, np.ndarray, np.ndarray]:
     """The circuit, some queries, and their plaintext outputs (onnxruntime or numpy)."""
     try:
         from compiler import compile_model
@@ -57,7 +57,9 @@ def _workload() -> tuple[Circuit, np.ndarray, np.ndarray]:
         import onnxruntime
 
         data = np.load(ZOO / "digits.npz")
-        circuit = compile_model(onnx_path, data["x_calib"], name="digits", batch=DIGITS)
+        circuit = compile_model(
+            onnx_path, data["x_calib"], name="digits", batch=DIGITS, backend=backend
+        )
         x = data["x_test"][:DIGITS].astype(np.float64)
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         feed = session.get_inputs()[0].name
@@ -146,7 +148,7 @@ def _expect(error: type[HEInferenceError], call: Any, *args: Any, **kwargs: Any)
 
 
 def test_encrypted_inference_over_http(real_backend_name: str, tmp_path: Path) -> None:
-    circuit, x, expected = _workload()
+    circuit, x, expected = _workload(real_backend_name)
     models, key_store = tmp_path / "models", tmp_path / "server-keys"
     models.mkdir()
     circuit.save(models / f"{circuit.name}.hec")

@@ -55,7 +55,7 @@ def backend_class(name: str) -> type[Backend]:
 
 def make_backend(name: str, params: CkksParameters, **options: object) -> Backend:
     """A fresh context of the named backend for these parameters."""
-    return backend_class(name)(params, **options)  # type: ignore[call-arg]
+    return backend_class(name)(params, **options)
 
 
 def available_backends() -> list[str]:

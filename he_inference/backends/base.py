@@ -147,8 +147,10 @@ class Backend(ABC):
 
     def rotate_many(self, ct: Ciphertext, steps: Sequence[int]) -> dict[int, Ciphertext]:
         """Rotations of one ciphertext by several steps; hoisted where the backend can."""
-        return {step: (ct if step % self.params.slots == 0 else self.rotate(ct, step))
-                for step in steps}
+        return {
+            step: (ct if step % self.params.slots == 0 else self.rotate(ct, step))
+            for step in steps
+        }
 
     def evaluate_chebyshev(
         self, ct: Ciphertext, coefficients: np.ndarray, lower: float, upper: float

@@ -105,7 +105,7 @@ class PlainBackend(Backend):
     def encode(self, values: np.ndarray | float, level: int = 0) -> PlainPlaintext:
         self.check_level(level, "encoding")
         if np.ndim(values) == 0:
-            return PlainPlaintext(np.full(self.params.slots, float(values)), level)  # type: ignore[arg-type]
+            return PlainPlaintext(np.full(self.params.slots, float(values)), level)
         return PlainPlaintext(self.pad(values), level)  # type: ignore[arg-type]
 
     def encrypt(self, values: np.ndarray) -> PlainCiphertext:
@@ -121,8 +121,9 @@ class PlainBackend(Backend):
 
     # -- arithmetic ---------------------------------------------------------------------
 
-    def _same_level(self, a: PlainCiphertext | PlainPlaintext, b: PlainCiphertext | PlainPlaintext,
-                    what: str) -> None:
+    def _same_level(
+        self, a: PlainCiphertext | PlainPlaintext, b: PlainCiphertext | PlainPlaintext, what: str
+    ) -> None:
         if a.level != b.level:
             raise CircuitError(f"{what} of operands at levels {a.level} and {b.level}")
 

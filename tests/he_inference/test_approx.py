@@ -18,8 +18,20 @@ from he_inference.approx import (
 )
 from he_inference.errors import ConfigurationError
 
-ACTIVATIONS = ["Relu", "LeakyRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "Tanh",
-               "Softplus", "Gelu", "SiLU", "HardSwish", "Square"]
+ACTIVATIONS = [
+    "Relu",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "Sigmoid",
+    "HardSigmoid",
+    "Tanh",
+    "Softplus",
+    "Gelu",
+    "SiLU",
+    "HardSwish",
+    "Square",
+]
 
 
 @pytest.mark.parametrize("op_type", ACTIVATIONS)
@@ -47,8 +59,9 @@ def test_unreachable_budget_names_the_best_fit() -> None:
 def test_schedule_matches_chebval(degree: int) -> None:
     coefficients = np.random.default_rng(degree).normal(size=degree + 1)
     x = np.linspace(-1, 1, 33)
-    np.testing.assert_allclose(evaluate_schedule(coefficients, x), C.chebval(x, coefficients),
-                               atol=1e-10)
+    np.testing.assert_allclose(
+        evaluate_schedule(coefficients, x), C.chebval(x, coefficients), atol=1e-10
+    )
 
 
 def test_depth_is_log_degree_plus_the_coefficient_level() -> None:
