@@ -424,6 +424,58 @@ def demo_command(
     run_demo(backend=backend, count=count, activation=activation, work_dir=work_dir.expanduser())
 
 
+# -- bench ----------------------------------------------------------------------------------
+
+
+@app.command("bench")
+@_friendly
+def bench_command(
+    model: Annotated[
+        Path, typer.Argument(help="An ONNX model or a compiled circuit (.hec).", exists=True)
+    ],
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration", "-c", help=".npz (x_calib compiles, x_test is queried) or .npy."
+        ),
+    ] = None,
+    backend: Annotated[str, typer.Option(help="seal, openfhe, plain or all.")] = "seal",
+    repeat: Annotated[int, typer.Option(help="Timed evaluations per backend.")] = 5,
+    count: Annotated[int, typer.Option(help="Distinct queries (precision is the worst).")] = 1,
+    server: Annotated[
+        str | None, typer.Option(help="Also query this running server through the SDK.")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a per-layer bar chart (PNG).")] = None,
+    batch: Annotated[
+        int | None, typer.Option(help="Also time a circuit of this many queries per ciphertext.")
+    ] = None,
+) -> None:
+    """Time every layer, measure its precision, key and query sizes, on each backend.
+
+    Example: he-infer bench model.onnx -c digits.npz --backend all --json out.json
+    """
+    from benchmarks import bench
+
+    result = bench.run_bench(
+        model,
+        calibration,
+        [backend],
+        repeat=repeat,
+        count=count,
+        batch=batch,
+        server=server,
+        console=err_console,
+    )
+    bench.print_report(result, console)
+    if json_out:
+        bench.write_json(result, json_out)
+        console.print(f"wrote {json_out}")
+    if plot:
+        bench.write_plot(result, plot)
+        console.print(f"wrote {plot}")
+
+
 # -- the compile report ---------------------------------------------------------------------
 
 
