@@ -156,10 +156,9 @@ def compile_command(
 
 def _print_report(summary: dict[str, Any]) -> None:
     table = Table(title=f"circuit {summary['name']}")
-    for column in ("node", "kind", "ONNX sources", "level", "rot", "pt mul", "ct mul"):
-        table.add_column(
-            column, justify="right" if column in ("rot", "pt mul", "ct mul") else "left"
-        )
+    numeric = ("rot", "pt mul", "ct mul", "est. ms")
+    for column in ("node", "kind", "ONNX sources", "level", *numeric):
+        table.add_column(column, justify="right" if column in numeric else "left")
     for node in summary["nodes"]:
         table.add_row(
             node["name"],
@@ -169,6 +168,7 @@ def _print_report(summary: dict[str, Any]) -> None:
             str(node["rotations"]),
             str(node["plain_multiplications"]),
             str(node["multiplications"]),
+            f"{node['estimated_s'] * 1e3:.0f}" if "estimated_s" in node else "-",
         )
     console.print(table)
     totals = summary["totals"]
@@ -185,6 +185,14 @@ def _print_report(summary: dict[str, Any]) -> None:
         f"{_mb(sizes['query_bytes'])}, result {_mb(sizes['result_bytes'])} "
         f"({sizes['how']})"
     )
+    latency = summary["latency"]
+    if latency["available"]:
+        console.print(
+            f"estimated latency {latency['estimated_s']:.2f} s per evaluation on "
+            f"{latency['backend']}, one core (from {latency['table']})"
+        )
+    else:
+        console.print(f"no latency estimate: {latency['reason']}")
     console.print(f"wrote {summary['file']}")
 
 
@@ -516,7 +524,27 @@ def circuit_report(circuit: Any, measure_backend: str | None = None) -> dict[str
     sizes = (
         _measured_sizes(circuit, measure_backend) if measure_backend else _estimated_sizes(circuit)
     )
-    return {"name": circuit.name, "nodes": nodes, "totals": totals, "sizes": sizes}
+    latency = _latency_estimate(circuit, nodes)
+    return {"name": circuit.name, "nodes": nodes, "totals": totals, "sizes": sizes,
+            "latency": latency}
+
+
+def _latency_estimate(circuit: Any, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-node seconds from the primitive cost table, added to ``nodes`` in place."""
+    from he_inference import costmodel
+
+    backend = str(circuit.metadata.get("backend", "seal"))
+    if backend == "plain":
+        backend = "seal"
+    try:
+        estimates = costmodel.estimate(circuit, backend)
+    except HEInferenceError as exc:
+        return {"available": False, "reason": str(exc)}
+    for node, estimate in zip(nodes, estimates, strict=True):
+        node["estimated_s"] = estimate.seconds
+    return {"available": True, "backend": backend,
+            "estimated_s": sum(e.seconds for e in estimates),
+            "table": str(costmodel.DEFAULT_TABLE)}
 
 
 def _estimated_sizes(circuit: Any) -> dict[str, Any]:

@@ -145,3 +145,46 @@ def test_node_case_matches_the_stored_output(name: str) -> None:
     tolerance = _tolerance(circuit, x, expected)
     kind = "activation" if ops & ACTIVATION_OPS else "linear"
     assert error <= tolerance, f"{name}: max error {error:.3g} > {tolerance:.3g} ({kind})"
+
+
+# A representative subset runs encrypted on SEAL: every linear op family, and activations
+# whose calibrated interval keeps the polynomial shallow enough for small rings.
+SEAL_CASES = [
+    "test_basic_conv_with_padding",
+    "test_conv_with_strides_padding",
+    "test_averagepool_2d_strides",
+    "test_globalaveragepool",
+    "test_gemm_all_attributes",
+    "test_matmul_2d",
+    "test_batchnorm_epsilon",
+    "test_transpose_default",
+    "test_concat_2d_axis_0",
+    "test_reshape_extended_dims",
+    "test_constant_pad",
+    "test_add_bcast",
+    "test_sigmoid",
+    "test_tanh",
+    "test_softplus",
+    "test_gelu_default_1",
+]
+
+
+@pytest.mark.seal
+@pytest.mark.parametrize("name", SEAL_CASES)
+def test_node_case_on_seal_matches_within_ckks_noise(name: str) -> None:
+    from he_inference.evaluate import run_local
+    from tests.conftest import require_backend
+
+    require_backend("seal")
+    model, x, expected = _load(NODE_TESTS / name)
+    circuit = compile_model(model, x, error_budget=0.01, max_degree=15, backend="seal")
+    got = run_local(circuit, x, "seal").reshape(expected.shape)
+    # Fresh encryption noise is about 6 * 3.2 * sqrt(N) ~ 2^10 units of the scale at these
+    # rings and each rescale adds as much again; 2^-(scale_bits - 15) per level leaves a
+    # factor of about 30 above that, on top of the polynomial error that the plain
+    # backend's tolerance already carries.
+    magnitude = max(1.0, float(np.abs(expected).max()))
+    noise = (circuit.depth + 1) * 2.0 ** -(circuit.params.scale_bits - 15) * magnitude
+    tolerance = _tolerance(circuit, x, expected) + noise
+    error = float(np.abs(got - expected).max())
+    assert error <= tolerance, f"{name}: max error {error:.3g} > {tolerance:.3g} on SEAL"
