@@ -114,9 +114,9 @@ def postprocess(
     if output != "logits":
         axis = _axis(steps)
         if onnx_batched:
-            result = _apply(result, axis, output)
+            result = _apply(result, axis, output, steps)
         else:
-            result = np.stack([_apply(row, axis, output) for row in result])
+            result = np.stack([_apply(row, axis, output, steps) for row in result])
     if not onnx_batched:
         return result[0] if form == "single" else result
     if form == "stacked":
@@ -131,10 +131,19 @@ def _axis(steps: list[dict[str, Any]]) -> int:
     return -1
 
 
-def _apply(values: np.ndarray, axis: int, output: str) -> np.ndarray:
+def _apply(values: np.ndarray, axis: int, output: str, steps: list[dict[str, Any]]) -> np.ndarray:
+    ops = {step.get("op"): step for step in steps}
     if output == "labels":
         labels: np.ndarray = np.argmax(values, axis=axis)
-        return labels
+        names = ops.get("argmax", {}).get("labels")
+        # A classifier's own class labels (skl2onnx), in place of the score's index.
+        return np.asarray(names)[labels] if names else labels
+    if "sigmoid" in ops:
+        # One-vs-rest logistic scores, then (skl2onnx's Normalizer) scaled to sum to one.
+        probabilities = 1.0 / (1.0 + np.exp(-values))
+        if "normalize_l1" in ops:
+            probabilities = probabilities / np.sum(probabilities, axis=axis, keepdims=True)
+        return probabilities
     shifted = values - np.max(values, axis=axis, keepdims=True)
     exp = np.exp(shifted)
     probabilities: np.ndarray = exp / np.sum(exp, axis=axis, keepdims=True)

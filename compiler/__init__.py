@@ -20,6 +20,7 @@ from compiler.passes.extract_postprocess import extract_postprocess
 from compiler.passes.fold_constants import fold_constants
 from compiler.passes.fuse_activation_patterns import fuse_activation_patterns
 from compiler.passes.remove_identity import remove_identity
+from compiler.passes.rewrite_linear_classifier import rewrite_linear_classifier
 from compiler.verify import verify_circuit, verify_model
 from he_inference.circuit import Circuit
 from he_inference.errors import ConfigurationError
@@ -84,6 +85,9 @@ def compile_model(
     fold_constants(imported)
     # Identity and Dropout do nothing at inference and would split affine segments.
     remove_identity(imported)
+    # skl2onnx classifiers: only the scores are encrypted work; labels and probabilities
+    # are recomputed on the client.
+    rewrite_linear_classifier(imported)
     # Softmax/ArgMax at the end run on the client after decryption, exactly and for free.
     extract_postprocess(imported)
     # x*Sigmoid(x) and the Erf form of GELU become one polynomial instead of two plus a product.
@@ -96,7 +100,8 @@ def compile_model(
     # The output's range too, where data is given: it sizes the first prime (see lower).
     output = imported.output_names[0]
     wanted = the_plan.range_tensors()
-    if calibration is not None or input_range is not None:
+    original = {o for n in imported.original.graph.node for o in n.output}
+    if (calibration is not None or input_range is not None) and output in original:
         wanted = [*wanted, output]
     ranges, observed = calibrate_ranges(imported, wanted, calibration, input_range, margin)
     output_range = ranges.get(output)

@@ -69,7 +69,7 @@ def extract_postprocess(imported: ImportedModel) -> list[dict[str, Any]]:
         template = next((o for o in graph.output if o.name == distinct[0]), None)
         del graph.output[:]
         graph.output.append(template or onnx.helper.make_empty_tensor_value_info(distinct[0]))
-    imported.postprocess = steps
+    imported.postprocess = [*imported.postprocess, *steps]
     middle = [n for n in graph.node if n.op_type in POSTPROCESS_OPS]
     if middle:
         raise UnsupportedModelError(
