@@ -137,13 +137,14 @@ def _apply(values: np.ndarray, axis: int, output: str, steps: list[dict[str, Any
         labels: np.ndarray = np.argmax(values, axis=axis)
         names = ops.get("argmax", {}).get("labels")
         # A classifier's own class labels (skl2onnx), in place of the score's index.
-        return np.asarray(names)[labels] if names else labels
+        named: np.ndarray = np.asarray(names)[labels] if names else labels
+        return named
     if "sigmoid" in ops:
         # One-vs-rest logistic scores, then (skl2onnx's Normalizer) scaled to sum to one.
-        probabilities = 1.0 / (1.0 + np.exp(-values))
+        logistic: np.ndarray = 1.0 / (1.0 + np.exp(-values))
         if "normalize_l1" in ops:
-            probabilities = probabilities / np.sum(probabilities, axis=axis, keepdims=True)
-        return probabilities
+            logistic = logistic / np.sum(logistic, axis=axis, keepdims=True)
+        return logistic
     shifted = values - np.max(values, axis=axis, keepdims=True)
     exp = np.exp(shifted)
     probabilities: np.ndarray = exp / np.sum(exp, axis=axis, keepdims=True)

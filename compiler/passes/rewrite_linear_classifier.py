@@ -51,7 +51,7 @@ def rewrite_linear_classifier(imported: ImportedModel) -> int:
     coefficients = np.asarray(attrs["coefficients"], dtype=np.float32)
     intercepts = np.asarray(attrs.get("intercepts", []), dtype=np.float32)
     rows = len(intercepts) if len(intercepts) else len(labels)
-    weights = coefficients.reshape(rows, -1)
+    weights: np.ndarray = coefficients.reshape(rows, -1)
     if rows == 1 and len(labels) == 2:
         # Binary: one score z for the second class. Scores [0, z] give the same label and,
         # through a softmax, the same probabilities as the logistic of z.
