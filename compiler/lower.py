@@ -363,22 +363,32 @@ def _assemble(
         level[spec["name"]] = spec["level_out"]
     depth = max(level.values())
 
-    # The period: one power of two covering the largest value, capped so that a block of
-    # 2m slots per query fits the largest ring; larger values span several ciphertexts.
     sizes = [int(np.prod(imported.input_shape))] + [int(np.prod(s["shape"])) for s in specs]
     empty = [s["name"] for s in specs if int(np.prod(s["shape"])) == 0]
     if empty:
         raise UnsupportedModelError(f"tensors {empty} are empty: nothing to encrypt")
-    cap = RING_DEGREES[-1] // 4 // batch
-    if cap < 1:
-        raise ConfigurationError(f"batch {batch} does not fit one ciphertext: lower it")
-    period = min(1 << max(0, math.ceil(math.log2(max(sizes)))), cap)
     # The first prime holds the result at the last level: |y| * scale must stay below half
     # of it. Sizing it from the calibrated output (with a factor 4 to spare) instead of a
     # fixed 20 bits is what lets a depth-5 circuit fit N=8192, whose keys are 10x smaller.
     integer_bits = 20
     if output_bound is not None:
         integer_bits = min(30, max(8, math.ceil(math.log2(max(output_bound, 1.0))) + 3))
+    # The period: one power of two covering the largest value, capped at what the smallest
+    # ring that fits the depth holds (2m slots per query). A larger value spans several
+    # ciphertexts instead of forcing a larger ring: keys grow with the ring (about 4x per
+    # doubling, with the longer chain), while extra chunks add only block products.
+    smallest = select_parameters(
+        depth,
+        2 * batch,
+        scale_bits=scale_bits,
+        integer_bits=integer_bits,
+        security_level=security_level,
+        backend=backend,
+    )
+    cap = smallest.slots // 2 // batch
+    if cap < 1:
+        raise ConfigurationError(f"batch {batch} does not fit one ciphertext: lower it")
+    period = min(1 << max(0, math.ceil(math.log2(max(sizes)))), cap)
     params = select_parameters(
         depth,
         2 * period * batch,

@@ -145,10 +145,9 @@ class Evaluator:
         for out_chunk in range(node.out_chunks):
             giants = plan["giants"].get(out_chunk, {})
             if not any(giants.values()):
-                raise CircuitError(
-                    f"linear node {node.name} has no non-zero weight for output chunk "
-                    f"{out_chunk}: the compiler should have dropped it"
-                )
+                # No weight reaches this chunk (padding, or a bias-only slice): a product
+                # with zero gives an encryption of zero at the right level and scale.
+                giants = {0: [(0, 0, be.encode(0.0, level))]}
             # Horner's rule over the giant steps, highest first: each rotation is by the gap
             # to the next giant step, so only the gaps need Galois keys.
             total = None
