@@ -40,7 +40,7 @@ from he_inference.circuit import (
     linear_rotation_steps,
 )
 from he_inference.errors import ConfigurationError, UnsupportedModelError
-from he_inference.params import RING_DEGREES, select_parameters
+from he_inference.params import select_parameters
 
 logger = logging.getLogger(__name__)
 

@@ -282,6 +282,16 @@ def serve_command(
         float, typer.Option(help="Keys expire this long after last use.")
     ] = 168.0,
     key_store_gb: Annotated[float, typer.Option(help="Key store size cap in GiB.")] = 4.0,
+    tokens: Annotated[
+        Path | None,
+        typer.Option(help="JSON file of API token -> client name; tokens are then required."),
+    ] = None,
+    token_queries: Annotated[
+        int | None, typer.Option(help="Answered queries each token may have.")
+    ] = None,
+    token_rate: Annotated[
+        float | None, typer.Option(help="Queries per second each token may send.")
+    ] = None,
 ) -> None:
     """Serve the circuits of a folder over HTTP (see the API in server/app.py)."""
     import uvicorn
@@ -297,6 +307,9 @@ def serve_command(
         max_body_mb,
         key_ttl_hours,
         key_store_gb,
+        tokens=tokens,
+        token_queries=token_queries,
+        token_rate=token_rate,
     )
     logging.getLogger("server").setLevel(logging.INFO)  # the per-request line
     if not logging.getLogger().handlers:
@@ -318,6 +331,10 @@ def _server_settings(
     max_body_mb: float,
     key_ttl_hours: float,
     key_store_gb: float,
+    *,
+    tokens: Path | None = None,
+    token_queries: int | None = None,
+    token_rate: float | None = None,
 ) -> Any:
     from pydantic import ValidationError
 
@@ -334,6 +351,12 @@ def _server_settings(
     }
     if max_concurrency is not None:
         values["max_concurrency"] = max_concurrency
+    if tokens is not None:
+        values["api_tokens_file"] = tokens.expanduser()
+    if token_queries is not None:
+        values["max_queries_per_token"] = token_queries
+    if token_rate is not None:
+        values["token_rate_per_s"] = token_rate
     try:
         return Settings(**values)
     except ValidationError as exc:
@@ -353,11 +376,15 @@ def keygen_command(
         Path | None, typer.Option(help="Key folder (~/.he-inference/keys).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Make new keys even if saved ones fit.")] = False,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="HE_INFERENCE_TOKEN", help="API token, where the server needs one."),
+    ] = None,
 ) -> None:
     """Generate keys for a served model and upload the evaluation keys (never the secret)."""
     from client import Client
 
-    with Client(server, key_dir=key_dir) as connection:
+    with Client(server, key_dir=key_dir, token=token) as connection:
         handle = connection.model(model)
         info = handle.generate_keys(force=force)
         key_id = handle.upload_keys(force=force)
@@ -385,12 +412,16 @@ def predict_command(
     allow_out_of_range: Annotated[
         bool, typer.Option(help="Warn instead of refusing inputs outside the calibrated range.")
     ] = False,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="HE_INFERENCE_TOKEN", help="API token, where the server needs one."),
+    ] = None,
 ) -> None:
     """Encrypt queries, have the server evaluate them, and print the decrypted results."""
     from client import Client
 
     x = load_array(inputs, "x_test")
-    with Client(server, key_dir=key_dir) as connection:
+    with Client(server, key_dir=key_dir, token=token) as connection:
         handle = connection.model(model)
         result = handle.predict(x, output=output, allow_out_of_range=allow_out_of_range)
     if as_json:
@@ -525,8 +556,13 @@ def circuit_report(circuit: Any, measure_backend: str | None = None) -> dict[str
         _measured_sizes(circuit, measure_backend) if measure_backend else _estimated_sizes(circuit)
     )
     latency = _latency_estimate(circuit, nodes)
-    return {"name": circuit.name, "nodes": nodes, "totals": totals, "sizes": sizes,
-            "latency": latency}
+    return {
+        "name": circuit.name,
+        "nodes": nodes,
+        "totals": totals,
+        "sizes": sizes,
+        "latency": latency,
+    }
 
 
 def _latency_estimate(circuit: Any, nodes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -542,9 +578,12 @@ def _latency_estimate(circuit: Any, nodes: list[dict[str, Any]]) -> dict[str, An
         return {"available": False, "reason": str(exc)}
     for node, estimate in zip(nodes, estimates, strict=True):
         node["estimated_s"] = estimate.seconds
-    return {"available": True, "backend": backend,
-            "estimated_s": sum(e.seconds for e in estimates),
-            "table": str(costmodel.DEFAULT_TABLE)}
+    return {
+        "available": True,
+        "backend": backend,
+        "estimated_s": sum(e.seconds for e in estimates),
+        "table": str(costmodel.DEFAULT_TABLE),
+    }
 
 
 def _estimated_sizes(circuit: Any) -> dict[str, Any]:
