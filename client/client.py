@@ -38,6 +38,8 @@ class Client:
         retries: how often a 503 (server busy) is retried after its Retry-After.
         http: an httpx client to send with instead of a new one (tests pass one bound to
             an in-process app; its base URL is then used as it is).
+        token: the API token, sent as ``Authorization: Bearer <token>`` on every request,
+            where the server requires one.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class Client:
         progress: bool = True,
         retries: int = 3,
         http: httpx.Client | None = None,
+        token: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.key_dir = Path(key_dir).expanduser() if key_dir else DEFAULT_KEY_DIR.expanduser()
@@ -56,6 +59,7 @@ class Client:
         self.retries = retries
         self._owns_http = http is None
         self.http = http or httpx.Client(base_url=self.url, timeout=timeout)
+        self._auth = {"authorization": f"Bearer {token}"} if token else {}
 
     # -- public -----------------------------------------------------------------------
 
@@ -94,6 +98,8 @@ class Client:
             ServiceError: the server cannot be reached or answered an unexpected error.
             HEInferenceError: the server refused the request (the class it names).
         """
+        if self._auth:
+            kwargs["headers"] = {**(kwargs.get("headers") or {}), **self._auth}
         for attempt in range(self.retries + 1):
             try:
                 response = self.http.request(method, path, **kwargs)

@@ -231,6 +231,10 @@ class Model:
     def decrypt(self, data: bytes) -> np.ndarray:
         """Outputs ``[batch, *shape]`` from a result envelope of this model.
 
+        Only the output layout's slots are decoded. Keep the values to yourself: a decrypted
+        result at full precision, together with the ciphertext it came from (which the
+        server has), reveals the secret key (see the README's Security section).
+
         Raises:
             WireError: the envelope is malformed or for another model or context.
         """

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse
 from he_inference import wire
 from he_inference.errors import InputError, ServiceError
 from he_inference.evaluate import NodeTiming
+from server.auth import TokenAuthMiddleware, TokenGuard
 from server.contexts import ContextCache, load_context
 from server.errors import install_error_handlers
 from server.keystore import KeyStore
@@ -108,6 +109,10 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="he-inference", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.service = service
     install_error_handlers(app)
+    guard = TokenGuard.from_settings(settings)
+    if guard is not None:  # inside the log middleware, so refusals get a request id and a line
+        app.add_middleware(TokenAuthMiddleware, guard=guard)
+    app.state.token_guard = guard
     app.add_middleware(RequestLogMiddleware, metrics=service.metrics)
 
     @app.get("/healthz")

@@ -49,7 +49,9 @@ STATUS: tuple[tuple[type[HEInferenceError], int], ...] = (
     (BackendUnavailableError, 500),
     (ConfigurationError, 500),
     (CircuitError, 500),
-    (StorageError, 500),
+    # 507 Insufficient Storage: the key store cannot take (or give back) keys. The message
+    # names no path, so it is shown; keys already stored keep working.
+    (StorageError, 507),
 )
 
 _HTTP_NAMES = {404: "NotFound", 405: "MethodNotAllowed", 413: "PayloadTooLarge"}
@@ -71,7 +73,11 @@ def error_response(exc: BaseException, request_id: str = "-") -> JSONResponse:
     headers: dict[str, str] = {}
     if isinstance(exc, OverloadedError):
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-    if isinstance(exc, HEInferenceError) and (status < 500 or isinstance(exc, OverloadedError)):
+    if isinstance(exc, StorageError):
+        logger.error("request %s: key store failure: %s", request_id, exc)
+    if isinstance(exc, HEInferenceError) and (
+        status < 500 or isinstance(exc, (OverloadedError, StorageError))
+    ):
         body = {"error": type(exc).__name__, "detail": str(exc)}
     else:
         # A server-side fault: paths and internals go to the operator's log, not the client.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import threading
 import time
 import uuid
@@ -38,6 +39,9 @@ SUFFIX = ".hek"
 TMP_SUFFIX = ".tmp"
 # Persist the last use to the file's mtime at most this often (one syscall per query saved).
 TOUCH_INTERVAL_S = 60.0
+# Tests only: SIGKILL the process halfway through a key write, to show that a crash there
+# leaves nothing a restart would serve (tests/server/test_load_faults.py).
+KILL_IN_WRITE_ENV = "HE_INFERENCE_TEST_KILL_IN_KEY_WRITE"
 
 EvictionListener = Callable[[str, str], None]
 
@@ -143,7 +147,10 @@ class KeyStore:
                 self._entries.pop((model, key_id), None)
                 raise _unknown(model, key_id) from None
             except OSError as exc:
-                raise StorageError(f"cannot read stored keys {path}: {exc.strerror}") from exc
+                raise StorageError(
+                    f"the key store cannot read keys {key_id[:12]} of model {model}: "
+                    f"{exc.strerror}; the operator's log has the cause"
+                ) from exc
             self._touch(model, key_id, entry)
             return data
 
@@ -228,6 +235,8 @@ class KeyStore:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 view = memoryview(data)
+                if os.environ.get(KILL_IN_WRITE_ENV) == "1":
+                    _die_halfway(fd, view)
                 while view:
                     view = view[os.write(fd, view) :]
                 os.fsync(fd)
@@ -241,7 +250,17 @@ class KeyStore:
                 os.close(dir_fd)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise StorageError(f"cannot write keys to {path}: {exc.strerror}") from exc
+            # The message goes to the client (507), so it names the key, not the server's path.
+            raise StorageError(
+                f"the key store cannot take keys {path.stem[:12]} of model {path.parent.name}: "
+                f"{exc.strerror}; stored keys still work, retry the upload later"
+            ) from exc
+
+
+def _die_halfway(fd: int, view: memoryview) -> None:
+    os.write(fd, view[: len(view) // 2])
+    os.fsync(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _check_key_id(key_id: str) -> None:

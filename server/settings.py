@@ -38,6 +38,12 @@ class Settings(BaseModel):
         key_store_cap_bytes: total bytes of stored keys; least recently used go first.
         key_ttl_s: seconds since its last use after which a stored key expires.
         max_loaded_contexts: backend contexts with keys loaded kept in memory.
+        api_tokens: API token -> client name; when this or ``api_tokens_file`` names any
+            token, every endpoint but the probes needs one (see ``server/auth.py``).
+        api_tokens_file: a JSON file of more token -> name pairs.
+        max_queries_per_token: answered queries each token may have (429 beyond).
+        token_rate_per_s: queries per second each token may send (429 with Retry-After).
+        token_burst: queries a token may send at once before its rate limit applies.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -54,6 +60,11 @@ class Settings(BaseModel):
     key_store_cap_bytes: int = Field(default=4096 * MiB, gt=0)
     key_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     max_loaded_contexts: int = Field(default=4, gt=0)
+    api_tokens: dict[str, str] = Field(default_factory=dict, repr=False)
+    api_tokens_file: Path | None = None
+    max_queries_per_token: int | None = Field(default=None, gt=0)
+    token_rate_per_s: float | None = Field(default=None, gt=0)
+    token_burst: int = Field(default=10, gt=0)
 
     @field_validator("models_dir", "key_store_dir")
     @classmethod

@@ -464,6 +464,18 @@ class OpenFheBackend(Backend):
         return self._cc.Encrypt(key, self.encode(values, 0))
 
     def decrypt(self, ct: Any) -> _Array:
+        # Plain decryption, not NOISE_FLOODING_DECRYPT, although a decrypted CKKS result at
+        # full precision lets whoever holds its ciphertext recover the secret key (Li and
+        # Micciancio 2021). Flooding does not fit this protocol (checked on openfhe 1.6.1):
+        # the decryption noise mode is part of the crypto parameters, so a flooding client
+        # context and the server's evaluation context differ and a result ciphertext does
+        # not load into the client's (ParameterMismatchError); and the noise estimate that
+        # EXEC_EVALUATION needs comes from first running the circuit, weights included, in
+        # EXEC_NOISE_ESTIMATION mode, which only the server can. Doing both would mean the
+        # server publishing a per-circuit estimate in the manifest and both sides building
+        # flooding contexts from it. The client therefore never sends a decrypted value
+        # anywhere (tests/client/test_decrypt_protection.py), and the README says what a
+        # user must not share back.
         if self._secret_key is None:
             raise KeyError_("this context holds no secret key and cannot decrypt")
         self._apply_threads()
