@@ -79,8 +79,9 @@ def check_queries(
             message = (
                 f"the input holds {batch[index]:.6g} at index {index} and {int(outside.sum())} "
                 f"values in all outside the model's calibrated input range [{lower:g}, "
-                f"{upper:g}]: the activation approximations are accurate only inside it; "
-                f"scale the input as in training, or pass allow_out_of_range=True"
+                f"{upper:g}]: the circuit's polynomials and its modulus are sized for that "
+                f"range; scale the input as in training, or allow it explicitly "
+                f"(allow_out_of_range=True, or --allow-out-of-range on the command line)"
             )
             if not allow_out_of_range:
                 raise InputError(message)

@@ -337,6 +337,26 @@ class Circuit:
         """Levels the circuit consumes on its longest path."""
         return max((n.level_out for n in self.nodes), default=0)
 
+    def check_backend(self, backend: str) -> None:
+        """Refuse a backend other than the one the circuit was compiled for.
+
+        The chain is shaped by the backend's key switching (OpenFHE reserves a 60-bit prime
+        that SEAL does not), so another backend would have to fall back to a slower, noisier
+        key switching and lose precision silently. The plain backend simulates any circuit.
+
+        Raises:
+            ConfigurationError: the circuit names another backend.
+        """
+        from he_inference.errors import ConfigurationError
+
+        compiled_for = self.metadata.get("backend")
+        if compiled_for and backend not in (compiled_for, "plain"):
+            raise ConfigurationError(
+                f"circuit {self.name!r} was compiled for {compiled_for} and would lose "
+                f"precision on {backend}: recompile it with 'he-infer compile --backend "
+                f"{backend}'"
+            )
+
     def layout(self, value: str) -> Layout:
         """The layout of a named value (all share the period; chunks follow the shape)."""
         return self.input_layout if value == self.input_name else self.output_layout
@@ -422,6 +442,7 @@ class Circuit:
     def save(self, path: str | Path) -> Path:
         """Write the circuit file atomically (a temporary file, then a rename)."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(self.to_bytes())
         tmp.replace(path)

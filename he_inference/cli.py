@@ -32,8 +32,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Off a terminal (pipes, CI logs) rich would wrap at 80 columns and cut the tables' cells.
+console = Console(width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 F = TypeVar("F", bound=Callable[..., Any])
 _state = {"debug": False}
@@ -214,8 +215,18 @@ def run_command(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write outputs (.npy).")
     ] = None,
+    allow_out_of_range: Annotated[
+        bool,
+        typer.Option(
+            "--allow-out-of-range",
+            help="Warn instead of refusing inputs outside the calibrated input range.",
+        ),
+    ] = False,
 ) -> None:
-    """Keygen, encrypt, evaluate and decrypt locally, printing outputs and node timings."""
+    """Keygen, encrypt, evaluate and decrypt locally, printing outputs and node timings.
+
+    Example: he-infer run model.hec query.npy --backend seal
+    """
     import time
 
     from client.inputs import check_queries
@@ -224,11 +235,12 @@ def run_command(
     from he_inference.evaluate import Evaluator, decrypt_output, encrypt_input
 
     circuit = Circuit.load(circuit_file)
+    circuit.check_backend(backend)
     queries, _ = check_queries(
         load_array(inputs, "x_test"),
         circuit.input_layout,
         circuit.input_range,
-        allow_out_of_range=True,
+        allow_out_of_range=allow_out_of_range,
     )
     context = make_backend(backend, circuit.params)
     start = time.perf_counter()
@@ -758,7 +770,15 @@ def _print_demo(
     plain: np.ndarray,
     labels: np.ndarray,
 ) -> None:
-    table = Table(title=f"encrypted digits CNN ({activation}) on {backend}")
+    table = Table(
+        title=f"encrypted digits CNN ({activation}) on {backend}",
+        caption=(
+            "encrypted: the class decrypted from the server's answer; plaintext: onnxruntime on "
+            "the same digit; true: the dataset's label; latency: encrypt + HTTP + evaluate + "
+            "decrypt; eval: the server's evaluation alone (the first query also encodes the "
+            "weights); max |dlogit|: largest difference between encrypted and plaintext logits"
+        ),
+    )
     for column in ("#", "encrypted", "plaintext", "true", "latency s", "eval s", "max |dlogit|"):
         table.add_column(column, justify="right")
     encrypted = np.array([logits for logits, _ in rows])
@@ -782,9 +802,10 @@ def _print_demo(
         f"(upload and server load {upload_s:.1f} s)\n"
         f"query {_mb(stats[0].request_bytes)}, result {_mb(stats[0].response_bytes)}; "
         f"mean latency {np.mean([s.latency_s for s in stats]):.2f} s\n"
-        f"agreement encrypted vs plaintext {agree:.0%}; accuracy encrypted "
-        f"{np.mean(encrypted.argmax(1) == labels):.0%}, plaintext "
-        f"{np.mean(plain.argmax(1) == labels):.0%}; max |logit difference| {diffs.max():.2e}"
+        f"agreement encrypted vs plaintext {agree:.0%}, max |logit difference| "
+        f"{diffs.max():.2e}\n"
+        f"accuracy encrypted {np.mean(encrypted.argmax(1) == labels):.0%}, plaintext "
+        f"{np.mean(plain.argmax(1) == labels):.0%}"
     )
 
 

@@ -66,9 +66,11 @@ class ModelRegistry:
 
         Raises:
             ServiceError: the name is not usable or is already taken by another file.
+            ConfigurationError: the circuit was compiled for another backend.
             BackendUnavailableError: the server's backend library is missing.
         """
         name = circuit.name or path.stem
+        circuit.check_backend(self.backend_name)
         if not MODEL_NAME.match(name):
             raise ServiceError(
                 f"model name {name!r} must be 1-128 characters of letters, digits, '.', '_' "

@@ -74,3 +74,20 @@ def test_layout_pack_duplicates_each_block_and_unpack_inverts() -> None:
 def test_layout_refuses_the_wrong_shape() -> None:
     with pytest.raises(InputError, match="does not match"):
         Layout((3,), 4, 1).pack(np.zeros(4), slots=16)
+
+
+def test_circuit_compiled_for_one_backend_refuses_another() -> None:
+    from he_inference.errors import ConfigurationError
+
+    circuit, _ = mlp_circuit(np.random.default_rng(0))
+    circuit.metadata["backend"] = "seal"
+    circuit.check_backend("seal")
+    circuit.check_backend("plain")
+    with pytest.raises(ConfigurationError, match="--backend openfhe"):
+        circuit.check_backend("openfhe")
+
+
+def test_save_creates_the_output_folder(tmp_path: Path) -> None:
+    circuit, _ = mlp_circuit(np.random.default_rng(0))
+    path = circuit.save(tmp_path / "new" / "folder" / "m.hec")
+    assert Circuit.load(path).name == circuit.name
