@@ -66,6 +66,17 @@ def _friendly(command: F) -> F:
             name = type(exc).__name__
             err_console.print(f"[bold red]error[/] ({name}): {exc}", highlight=False)
             raise typer.Exit(1) from None
+        except (KeyboardInterrupt, typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # a bug: one line, and how to see the traceback
+            if _state["debug"]:
+                raise
+            err_console.print(
+                f"[bold red]internal error[/] ({type(exc).__name__}): {exc} - this is a bug; "
+                f"rerun with --debug for the traceback and report it",
+                highlight=False,
+            )
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
