@@ -27,6 +27,7 @@ import io
 import itertools
 import json
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -470,11 +471,22 @@ class Circuit:
                 manifest = json.loads(zf.read("manifest.json"))
                 with np.load(io.BytesIO(zf.read("weights.npz")), allow_pickle=False) as npz:
                     arrays = {k: npz[k] for k in npz.files}
-        except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+        # zlib.error, EOFError and NotImplementedError: a damaged or unusual deflate stream.
+        except (
+            zipfile.BadZipFile,
+            KeyError,
+            ValueError,
+            OSError,
+            EOFError,
+            NotImplementedError,
+            zlib.error,
+        ) as exc:
             raise CircuitError(
                 f"{source} is not a he-inference circuit file ({exc}): compile the model "
                 f"again with 'he-infer compile'"
             ) from exc
+        if not isinstance(manifest, dict):
+            raise CircuitError(f"{source} holds a manifest that is not a JSON object")
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise FormatVersionError(

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse
 from he_inference import wire
 from he_inference.errors import InputError, ServiceError
 from he_inference.evaluate import NodeTiming
+from server import parsing
 from server.auth import TokenAuthMiddleware, TokenGuard
 from server.contexts import ContextCache, load_context
 from server.errors import install_error_handlers
@@ -71,7 +72,7 @@ class Service:
         """Check, load and store an evaluation-key envelope; False when already stored."""
         if self.store.contains(model.name, key_id):
             return False
-        keys = wire.decode_evaluation_keys(model.template, data, self.settings.max_key_bytes)
+        keys = parsing.decode_evaluation_keys(model, data, self.settings)
         loaded = load_context(model, keys)  # proves the keys load before they are kept
         self.store.put(model.name, key_id, data)
         self.contexts.put(model.name, key_id, loaded)
@@ -82,15 +83,7 @@ class Service:
     ) -> tuple[bytes, list[NodeTiming], float]:
         """Evaluate one query envelope with the stored keys; returns the result envelope."""
         loaded = self.contexts.get(model, key_id)
-        cts = wire.decode_ciphertexts(
-            loaded.backend, data, self.settings.max_ciphertexts, model=model.name
-        )
-        layout = model.circuit.input_layout
-        if len(cts) != layout.chunks:
-            raise InputError(
-                f"model {model.name} takes {layout.chunks} input ciphertexts and the query "
-                f"holds {len(cts)}: encrypt with the manifest's input layout"
-            )
+        cts = parsing.decode_query(model, loaded.backend, data, self.settings.max_ciphertexts)
         levels = sorted({loaded.backend.level(ct) for ct in cts})
         if levels != [0]:
             raise InputError(

@@ -38,6 +38,11 @@ class Settings(BaseModel):
         key_store_cap_bytes: total bytes of stored keys; least recently used go first.
         key_ttl_s: seconds since its last use after which a stored key expires.
         max_loaded_contexts: backend contexts with keys loaded kept in memory.
+        isolate_key_parsing: trial-load each evaluation-key upload in a memory- and
+            time-limited worker process before the server parses it (``server/parsing.py``).
+        key_parse_memory_factor: that worker may grow its address space by this many times
+            the upload's size (plus a fixed headroom) before its allocations fail.
+        key_parse_timeout_s: seconds that worker may take before it is killed (400 then).
         api_tokens: API token -> client name; when this or ``api_tokens_file`` names any
             token, every endpoint but the probes needs one (see ``server/auth.py``).
         api_tokens_file: a JSON file of more token -> name pairs.
@@ -60,6 +65,9 @@ class Settings(BaseModel):
     key_store_cap_bytes: int = Field(default=4096 * MiB, gt=0)
     key_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     max_loaded_contexts: int = Field(default=4, gt=0)
+    isolate_key_parsing: bool = True
+    key_parse_memory_factor: float = Field(default=4.0, gt=0)
+    key_parse_timeout_s: float = Field(default=120.0, gt=0)
     api_tokens: dict[str, str] = Field(default_factory=dict, repr=False)
     api_tokens_file: Path | None = None
     max_queries_per_token: int | None = Field(default=None, gt=0)

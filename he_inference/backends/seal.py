@@ -19,6 +19,7 @@ slower, and zstd stays.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import struct
@@ -367,8 +368,11 @@ class SealBackend(Backend):
         below = self._apply(
             "drop_to_level", self._evaluator.mod_switch_to, ct.ct, self._parms_ids[level - 1]
         )
-        unit_scale = (self._level_scales[level] * self._dropped_prime(level - 1)
-                      / self._level_scales[current])
+        unit_scale = (
+            self._level_scales[level]
+            * self._dropped_prime(level - 1)
+            / self._level_scales[current]
+        )
         unit = sealapi.Plaintext()
         self._encoder.encode(1.0, self._parms_ids[level - 1], unit_scale, unit)
         product = self._apply("drop_to_level", self._evaluator.multiply_plain, below.ct, unit)
@@ -429,6 +433,9 @@ class SealBackend(Backend):
                 f"a ciphertext of {len(data)} bytes exceeds the {limit} bytes that one of "
                 f"this context can have"
             )
+        # SEAL inflates a compressed body without bounding the output: a few kilobytes of
+        # zstd can claim gigabytes. The inflated size is checked first, in bounded steps.
+        _check_inflated_size(data, limit, "ciphertext")
         ct = self._checked_load(sealapi.Ciphertext(), data, "ciphertext")
         if ct.size() != 2:
             raise MalformedPayloadError(f"a ciphertext of size {ct.size()} is not relinearised")
@@ -550,6 +557,37 @@ def _data_parms_ids(context: sealapi.SEALContext) -> list[list[int]]:
     return ids
 
 
+def _check_inflated_size(data: bytes, limit: int, what: str) -> None:
+    """Refuse a SEAL object whose compressed body inflates beyond ``limit`` bytes.
+
+    Raises:
+        MalformedPayloadError: the body inflates past the limit or is not a valid stream.
+    """
+    if len(data) < _HEADER.size:
+        raise MalformedPayloadError(f"{what} of {len(data)} bytes is shorter than a header")
+    compr_mode = _HEADER.unpack_from(data)[4]
+    body = data[_HEADER.size :]
+    total = 0
+    try:
+        if compr_mode == _COMPR_ZLIB:
+            total = len(zlib.decompressobj().decompress(body, limit + 1))
+        elif compr_mode == _COMPR_ZSTD and zstandard is not None:
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body))
+            while total <= limit:
+                chunk = reader.read(1 << 20)
+                if not chunk:
+                    break
+                total += len(chunk)
+        else:
+            total = len(body)
+    except Exception as exc:  # zlib.error, zstandard.ZstdError
+        raise MalformedPayloadError(f"{what} is not a valid compressed stream: {exc}") from exc
+    if total > limit:
+        raise MalformedPayloadError(
+            f"{what} inflates beyond the {limit} bytes that one of this context can have"
+        )
+
+
 def _leading_parms_id(data: bytes, compr_mode: int) -> tuple[int, ...] | None:
     """The parms_id at the start of a SEAL object's body, or None when it cannot be read."""
     body = data[_HEADER.size :]
@@ -557,7 +595,7 @@ def _leading_parms_id(data: bytes, compr_mode: int) -> tuple[int, ...] | None:
         if compr_mode == _COMPR_ZSTD:
             if zstandard is None:
                 return None
-            head = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+            head = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)).read(32)
         elif compr_mode == _COMPR_ZLIB:
             head = zlib.decompressobj().decompress(body, 64)
         elif compr_mode == _COMPR_NONE:

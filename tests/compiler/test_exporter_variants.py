@@ -39,8 +39,19 @@ def reference() -> tuple[Circuit, np.ndarray]:
 
 def test_there_are_variants_of_every_kind() -> None:
     names = " ".join(p.name for p in VARIANTS)
-    for part in ("legacy", "dynamo", "flatten", "view", "reshape", "dynamic", "static",
-                 "bnkept", "bnfolded", "opset9", "opset11"):
+    for part in (
+        "legacy",
+        "dynamo",
+        "flatten",
+        "view",
+        "reshape",
+        "dynamic",
+        "static",
+        "bnkept",
+        "bnfolded",
+        "opset9",
+        "opset11",
+    ):
         assert part in names
 
 

@@ -180,11 +180,13 @@ def test_node_case_on_seal_matches_within_ckks_noise(name: str) -> None:
     circuit = compile_model(model, x, error_budget=0.01, max_degree=15, backend="seal")
     got = run_local(circuit, x, "seal").reshape(expected.shape)
     # Fresh encryption noise is about 6 * 3.2 * sqrt(N) ~ 2^10 units of the scale at these
-    # rings and each rescale adds as much again; 2^-(scale_bits - 15) per level leaves a
-    # factor of about 30 above that, on top of the polynomial error that the plain
-    # backend's tolerance already carries.
+    # rings, each rescale adds as much again, and a linear map sums up to a few hundred
+    # such products (their noise grows with the square root of the count, ~2^4), so
+    # 2^-(scale_bits - 18) per level bounds it with a margin of about 16; the polynomial
+    # error is what the plain backend's tolerance already carries. (At N=4096 and a 2^31
+    # scale the error observed on GlobalAveragePool reached 5e-5 against 2.5e-4 here.)
     magnitude = max(1.0, float(np.abs(expected).max()))
-    noise = (circuit.depth + 1) * 2.0 ** -(circuit.params.scale_bits - 15) * magnitude
+    noise = (circuit.depth + 1) * 2.0 ** -(circuit.params.scale_bits - 18) * magnitude
     tolerance = _tolerance(circuit, x, expected) + noise
     error = float(np.abs(got - expected).max())
     assert error <= tolerance, f"{name}: max error {error:.3g} > {tolerance:.3g} on SEAL"

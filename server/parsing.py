@@ -1,0 +1,268 @@
+"""Parsing untrusted uploads so that a hostile payload cannot exhaust or crash the server.
+
+The wire envelope (``he_inference/wire.py``) is checked first, in-process and cheaply: its
+prefix, a header parsed under length limits, the count and size of each blob against the
+caller's bounds, and the kind, backend, parameters and model. What passes is handed to a
+C++ parser (SEAL or OpenFHE), and those parsers trust more of their input than a server
+should. OpenFHE's binary (cereal) format carries lengths and type ids that it believes, so
+a forged body behind a valid header can ask for terabytes or crash the process.
+
+Evaluation keys are the large, rare upload (megabytes to hundreds of megabytes, once per
+client), so they are first loaded in a child process that cannot hurt the server:
+
+- it is a fresh interpreter, one per upload (never ``fork``: the server runs threads, and
+  OpenMP deadlocks in a child forked from a threaded parent; and never ``multiprocessing``,
+  whose children re-import the server's ``__main__``), which imports only ``he_inference``;
+- its address space is capped with ``RLIMIT_AS`` at its footprint at start plus
+  ``key_parse_memory_factor`` times the upload's size plus :data:`HEADROOM_BYTES`, so an
+  allocation beyond it fails there (``MemoryError`` or a crash), not in the server;
+- it is killed after ``key_parse_timeout_s`` seconds.
+
+The child loads the keys into a fresh context made from the model's own parameters and
+reports the verdict. A library error comes back with its class and message; a crash, a
+signal or a timeout becomes :class:`~he_inference.errors.MalformedPayloadError`. Only bytes
+that loaded there are loaded again in the server (the parsers are deterministic), which
+costs one extra parse and about 0.3 to 0.6 s of interpreter start per upload: small beside the
+upload itself. Keys read back from the key store were checked this way when uploaded and
+are loaded in-process.
+
+Query ciphertexts are small and frequent, and a process per query would cost more than the
+evaluation of a small circuit, so they are parsed in-process, after the checks that bound
+what a parser may be handed: the body against ``max_body_bytes``, the count against the
+model's input layout, and each blob against the backend's ``max_ciphertext_bytes`` with the
+declared sizes summing exactly to the body. The remaining risk is a forged body of the
+right size behind a valid header, which a C++ parser may still mishandle inside that bound:
+OpenFHE's parser trusts length fields inside a ciphertext. SEAL inflates a compressed
+(zstd) ciphertext without bounding its output, so ``SealBackend.load_ciphertext`` first
+inflates it in bounded steps and refuses one that grows past the context's largest
+ciphertext (an 8 kB zstd bomb claiming 256 MiB cost 2.5 s and 1.2 GiB before that check).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from he_inference import errors, wire
+from he_inference.backends import Backend, make_backend
+from he_inference.backends.base import Ciphertext
+from he_inference.errors import HEInferenceError, InputError, MalformedPayloadError
+from he_inference.params import CkksParameters
+
+if TYPE_CHECKING:  # the worker loads this file without the server package (see _BOOTSTRAP)
+    from server.registry import ServedModel
+    from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Interpreter, numpy and the backend library are mapped before the limit is set; this covers
+# what loading allocates beyond the keys themselves (a context, pools, OpenMP stacks).
+HEADROOM_BYTES = 512 << 20
+
+
+def decode_evaluation_keys(
+    model: ServedModel, data: bytes, settings: Settings
+) -> dict[str, bytes]:
+    """Check an evaluation-key envelope for a model and, when isolated, trial-load its keys.
+
+    Raises:
+        MalformedPayloadError: the envelope does not parse, or its keys crash, exhaust the
+            memory limit or the time limit of the worker that loads them.
+        SecretKeyLeakError: the bundle holds a secret key.
+        ParameterMismatchError: the keys are for another backend or parameter set.
+        KeyError_: the keys do not load as evaluation keys.
+    """
+    keys = wire.decode_evaluation_keys(model.template, data, settings.max_key_bytes)
+    if settings.isolate_key_parsing:
+        check_keys_in_worker(
+            model.template.name,
+            model.circuit.params,
+            data,
+            memory_bytes=worker_memory_bytes(len(data), settings.key_parse_memory_factor),
+            timeout_s=settings.key_parse_timeout_s,
+        )
+    return keys
+
+
+def decode_query(
+    model: ServedModel, backend: Backend, data: bytes, max_count: int
+) -> list[Ciphertext]:
+    """Check a query envelope's count and sizes, then parse its ciphertexts in-process.
+
+    The count is bounded by the model's input layout before any ciphertext is parsed, so a
+    query makes the parser run at most as often as the model needs.
+
+    Raises:
+        MalformedPayloadError: the envelope or a ciphertext does not parse, is oversized, or
+            holds more ciphertexts than the model takes.
+        ParameterMismatchError: the envelope is for another context or model.
+        InputError: the query holds fewer ciphertexts than the model takes.
+    """
+    chunks = model.circuit.input_layout.chunks
+    cts = wire.decode_ciphertexts(backend, data, min(max_count, chunks), model=model.name)
+    if len(cts) != chunks:
+        raise InputError(
+            f"model {model.name} takes {chunks} input ciphertexts and the query holds "
+            f"{len(cts)}: encrypt with the manifest's input layout"
+        )
+    return cts
+
+
+def worker_memory_bytes(upload_bytes: int, factor: float) -> int:
+    """The address space a key-parsing worker may add to its footprint at start."""
+    return int(factor * upload_bytes) + HEADROOM_BYTES
+
+
+def check_keys_in_worker(
+    backend_name: str,
+    params: CkksParameters,
+    data: bytes,
+    *,
+    memory_bytes: int,
+    timeout_s: float,
+) -> None:
+    """Load a key envelope into a fresh context in a memory- and time-limited process.
+
+    Raises:
+        MalformedPayloadError: the worker crashed, ran out of memory or time, or the keys
+            do not parse.
+        HEInferenceError: the class the keys were refused with in the worker.
+    """
+    order = {"backend": backend_name, "params": params.to_dict(), "memory_bytes": memory_bytes}
+    env = {
+        **os.environ,
+        # The worker imports he_inference from wherever this process did.
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)),
+        # Each OpenMP thread maps a stack and a malloc arena (64 MiB of address space),
+        # which would count against the limit and buys nothing for one parse.
+        "OMP_NUM_THREADS": "1",
+        "MALLOC_ARENA_MAX": "2",
+    }
+    start = time.perf_counter()
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _BOOTSTRAP, __file__],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        close_fds=True,
+    )
+    try:
+        output = _exchange(worker, json.dumps(order).encode() + b"\n" + data, timeout_s)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait()
+    verdict = _verdict(output, worker.returncode, timeout_s)
+    logger.info(
+        "key worker checked %d B of %s keys in %.2f s: %s",
+        len(data),
+        backend_name,
+        time.perf_counter() - start,
+        "ok" if verdict is None else type(verdict).__name__,
+    )
+    if verdict is not None:
+        raise verdict
+
+
+def _exchange(worker: subprocess.Popen[bytes], payload: bytes, timeout_s: float) -> bytes | None:
+    """Send the payload and collect the worker's answer; ``None`` when it ran out of time."""
+    try:
+        output, _ = worker.communicate(payload, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        return None
+    return output
+
+
+def _verdict(output: bytes | None, returncode: int, timeout_s: float) -> HEInferenceError | None:
+    """``None`` when the keys loaded, else the error that the upload is refused with."""
+    if output is None:
+        return MalformedPayloadError(
+            f"the evaluation keys did not load within {timeout_s:g} s: they are malformed or "
+            f"far larger than this model's keys; generate them from this model's manifest"
+        )
+    try:
+        answer = json.loads(output.decode("utf-8").strip().splitlines()[-1])
+    except (UnicodeDecodeError, ValueError, IndexError):
+        answer = None
+    if returncode == 0 and isinstance(answer, dict):
+        if answer.get("ok") is True:
+            return None
+        if isinstance(answer.get("error"), str):
+            return _rebuild(answer["error"], str(answer.get("detail", "")))
+    how = f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit {returncode}"
+    return MalformedPayloadError(
+        f"the evaluation keys crashed their parser ({how}) or exceeded its memory limit: "
+        f"they are malformed; generate them from this model's manifest"
+    )
+
+
+def _rebuild(class_name: str, message: str) -> HEInferenceError:
+    """The worker's error as the same class here (MalformedPayloadError when unknown)."""
+    cls = getattr(errors, class_name, None)
+    # ServiceError and its subclasses take a status as well; no key load raises them.
+    known = isinstance(cls, type) and issubclass(cls, HEInferenceError)
+    if known and not issubclass(cls, errors.ServiceError):  # type: ignore[arg-type]
+        return cls(message)  # type: ignore[misc, no-any-return]
+    return MalformedPayloadError(message)
+
+
+# -- in the worker process ----------------------------------------------------------------
+
+# Loads this file by path, as a module of its own name, so that the worker never imports the
+# ``server`` package (FastAPI and the app would add half a second to every upload).
+_BOOTSTRAP = (
+    "import importlib.util, sys\n"
+    "spec = importlib.util.spec_from_file_location('he_inference_key_worker', sys.argv[1])\n"
+    "module = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(module)\n"
+    "module.worker_main()\n"
+)
+
+
+def worker_main() -> None:
+    """The worker's body: read the order, cap memory, read the envelope, load, answer."""
+    order = json.loads(sys.stdin.buffer.readline())
+    _limit_address_space(int(order["memory_bytes"]))
+    answer: dict[str, object]
+    try:
+        backend = make_backend(str(order["backend"]), CkksParameters.from_dict(order["params"]))
+        backend.load_keys(wire.decode_evaluation_keys(backend, sys.stdin.buffer.read()))
+        answer = {"ok": True}
+    except HEInferenceError as exc:
+        answer = {"error": type(exc).__name__, "detail": str(exc)}
+    except MemoryError:
+        answer = {
+            "error": "MalformedPayloadError",
+            "detail": "the evaluation keys asked their parser for more memory than keys of "
+            "this size need: they are malformed; generate them from this model's manifest",
+        }
+    except Exception as exc:  # the C++ parsers signal bad bytes with their own types
+        answer = {
+            "error": "MalformedPayloadError",
+            "detail": f"the evaluation keys do not load on the {order['backend']} backend "
+            f"({type(exc).__name__}: {str(exc)[:200]})",
+        }
+    sys.stdout.write(json.dumps(answer) + "\n")
+    sys.stdout.flush()
+
+
+def _limit_address_space(extra_bytes: int) -> None:
+    """Cap this process's address space at its current size plus ``extra_bytes``."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            current = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        current = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = current + extra_bytes
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
