@@ -12,11 +12,6 @@ Without the compiler or the model zoo, a small hand-built circuit stands in for 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +31,7 @@ from he_inference.errors import (
     ServiceError,
     UnknownKeyError,
 )
+from tests.servers import free_port, serve_process
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "benchmarks" / "zoo"
@@ -74,58 +70,23 @@ def _workload(backend: str) -> tuple[Circuit, np.ndarray, np.ndarray]:
     return circuit, x, mlp_reference(weights, x)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def server_process(
     models: Path, key_store: Path, backend: str, port: int, log: Path
 ) -> Iterator[str]:
     """``he-infer serve`` in a subprocess, ready when /readyz answers 200."""
-    command = [
-        sys.executable,
-        "-m",
-        "he_inference.cli",
-        "serve",
+    arguments = [
         "--models",
         str(models),
         "--key-store",
         str(key_store),
         "--backend",
         backend,
-        "--port",
-        str(port),
         "--max-body-mb",
         "8",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with log.open("ab") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}: {log.read_text()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not become ready: {log.read_text()}")
-            time.sleep(0.2)
+    with serve_process(arguments, port, log) as (url, _):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 def _windows(secret: bytes, width: int = 64) -> list[bytes]:
@@ -152,7 +113,7 @@ def test_encrypted_inference_over_http(real_backend_name: str, tmp_path: Path) -
     models, key_store = tmp_path / "models", tmp_path / "server-keys"
     models.mkdir()
     circuit.save(models / f"{circuit.name}.hec")
-    port, log = _free_port(), tmp_path / "server.log"
+    port, log = free_port(), tmp_path / "server.log"
     sent: list[httpx.Request] = []
 
     def connect(url: str) -> tuple[Client, httpx.Client]:

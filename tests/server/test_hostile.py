@@ -463,7 +463,8 @@ def test_random_mutations_of_real_queries_are_never_a_5xx(real: Target) -> None:
 def test_uvicorn_survives_a_key_upload_that_breaks_the_parser(
     backend_name: str, tmp_path: Path
 ) -> None:
-    from tests.test_end_to_end import _free_port, server_process
+    from tests.servers import free_port as _free_port
+    from tests.test_end_to_end import server_process
 
     require_backend(backend_name)
     circuit = small_circuit()

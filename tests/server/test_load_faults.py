@@ -21,7 +21,6 @@ import errno
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -43,7 +42,7 @@ from server import keystore
 from tests.conftest import require_backend
 from tests.he_inference.circuits import mlp_circuit
 from tests.server.apps import MODEL, OTHER, serve, write_models
-from tests.test_end_to_end import _free_port
+from tests.servers import free_port, serve_process
 
 ROOT = Path(__file__).resolve().parents[2]
 BURST = 8
@@ -79,52 +78,24 @@ class Served:
 @contextmanager
 def server(root: Path, backend: str, env: dict[str, str] | None = None) -> Iterator[Served]:
     """``he-infer serve`` on ``root/models`` and ``root/keys``: one evaluation, two waiting."""
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "he_inference.cli",
-        "serve",
+    port = free_port()
+    arguments = [
         "--models",
         str(root / "models"),
         "--key-store",
         str(root / "keys"),
         "--backend",
         backend,
-        "--port",
-        str(port),
         "--max-concurrency",
         "1",
         "--max-queue",
         "2",
     ]
-    log = root / "server.log"
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    with log.open("ab") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=out, stderr=out)
-    served = Served(f"http://127.0.0.1:{port}", process, log)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}: {log.read_text()}")
-            try:
-                if httpx.get(f"{served.url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not become ready: {log.read_text()}")
-            time.sleep(0.1)
-        yield served
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+    with serve_process(arguments, port, root / "server.log", env, ready_timeout_s=60) as (
+        url,
+        process,
+    ):
+        yield Served(url, process, root / "server.log")
 
 
 def write_model(root: Path, circuit: Circuit) -> None:
