@@ -127,7 +127,10 @@ def compile_command(
         int, typer.Option(help="Queries packed in one ciphertext (throughput mode).")
     ] = 1,
     name: Annotated[
-        str | None, typer.Option(help="Circuit name (the file stem by default).")
+        str | None,
+        typer.Option(
+            help="Model name the server serves it under (default: the output file's stem)."
+        ),
     ] = None,
     report: Annotated[str, typer.Option(help="Report format: text or json.")] = "text",
     measure: Annotated[
@@ -153,7 +156,7 @@ def compile_command(
         error_budget=error_budget or 0.01,
         security_level=security,
         batch=batch,
-        name=name,
+        name=name or (output.stem if output else model.stem),
         backend=backend,
     )
     out = output or model.with_suffix(".hec")
