@@ -301,13 +301,13 @@ def node_cost(node: Node) -> NodeCost:
     if isinstance(node, PolynomialNode):
         from he_inference.approx import chebyshev_cost
 
-        mults, scalars = chebyshev_cost(node.coefficients)
+        mults, scalars, additions, _ = chebyshev_cost(node.coefficients)
         affine = 0 if (node.lower, node.upper) == (-1.0, 1.0) else 1
         return NodeCost(
             multiplications=mults,
             plain_multiplications=scalars + affine,
-            additions=2 * mults + scalars + 1,
-            rescales=mults + 1 + affine,
+            additions=additions + affine,
+            rescales=mults + scalars + affine,
         )
     if node.op == "multiply":
         return NodeCost(multiplications=1, rescales=1)

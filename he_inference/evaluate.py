@@ -7,8 +7,8 @@ the compiler accounted for:
   plaintext product per non-zero diagonal, the products of one giant step summed before
   their giant rotation, one rescale per output chunk, the bias, and one rotation by ``-m``
   plus one addition to restore the ``[x, x]`` duplicate (see ``circuit.py``): one level;
-- polynomial: ``approx``'s Chebyshev schedule, ``ceil(log2 d) + 1`` levels, plus one when
-  the interval was not folded into the previous linear map;
+- polynomial: ``approx.chebyshev_series``, ``ceil(log2(d + 1))`` levels, plus one when the
+  interval was not folded into the previous linear map;
 - binary: level alignment, then add (no level) or multiply, relinearise, rescale (one).
 
 Plaintexts (diagonals pre-rotated for their giant step, biases, coefficients) are encoded
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from he_inference.approx import chebyshev_basis_needed, chebyshev_terms, significant_terms
+from he_inference.approx import chebyshev_series
 from he_inference.backends.base import Backend, Ciphertext, Plaintext
 from he_inference.circuit import (
     BinaryNode,
@@ -204,32 +204,13 @@ class Evaluator:
             x = be.rescale(be.multiply_plain(x, be.encode(alpha, level)))
             x = be.add_plain(x, be.encode(beta, level + 1))
 
-        terms = significant_terms(node.coefficients, scale_bits)
-        basis: dict[int, Ciphertext] = {1: x}
-        recipe = {i: (a, b) for i, a, b in chebyshev_terms(max(terms, default=1))}
-        for i in chebyshev_basis_needed(terms):
-            a, b = recipe[i]
-            left, right = self._aligned(basis[a], basis[b])
-            product = be.rescale(be.multiply(left, right))
-            doubled = be.add(product, product)
-            level = be.level(doubled)
-            if a == b:
-                basis[i] = be.add_plain(doubled, be.encode(-1.0, level))
-            else:
-                basis[i] = be.sub(doubled, self._at_level(basis[a - b], level))
-
-        constant = float(node.coefficients[0])
-        if not terms:
-            zero = be.multiply_plain(x, be.encode(0.0, be.level(x)))
-            return be.add_plain(be.rescale(zero), be.encode(constant, be.level(x) + 1))
-        top = max(be.level(basis[i]) for i in terms)
-        total = None
-        for i in terms:
-            coefficient = be.encode(float(node.coefficients[i]), top)
-            product = be.multiply_plain(self._at_level(basis[i], top), coefficient)
-            total = product if total is None else be.add(total, product)
-        result = be.rescale(total)
-        return be.add_plain(result, be.encode(constant, top + 1))
+        result = chebyshev_series(node.coefficients, x, _BackendSeries(self), scale_bits)
+        if isinstance(result, float):
+            # Nothing but a constant survives encoding: a fresh encryption of it would need
+            # the public key, so scale the input by zero instead.
+            zero = be.rescale(be.multiply_plain(x, be.encode(0.0, be.level(x))))
+            return be.add_plain(zero, be.encode(result, be.level(zero)))
+        return result
 
     def _binary(self, node: BinaryNode, a: Ciphertext, b: Ciphertext) -> Ciphertext:
         be = self.backend
@@ -338,3 +319,24 @@ def run_local(circuit: Circuit, x: np.ndarray, backend_name: str = "plain") -> n
 def run_plain(circuit: Circuit, x: np.ndarray) -> np.ndarray:
     """The circuit on the exact plain backend: the compiler's tests compare this."""
     return run_local(circuit, x, "plain")
+
+
+class _BackendSeries:
+    """The series schedule's arithmetic on a backend, aligning levels where it must."""
+
+    def __init__(self, evaluator: Evaluator) -> None:
+        self.evaluator = evaluator
+        self.be = evaluator.backend
+
+    def multiply(self, a: Ciphertext, b: Ciphertext) -> Ciphertext:
+        left, right = self.evaluator._aligned(a, b)
+        return self.be.rescale(self.be.multiply(left, right))
+
+    def scale(self, a: Ciphertext, c: float) -> Ciphertext:
+        return self.be.rescale(self.be.multiply_plain(a, self.be.encode(c, self.be.level(a))))
+
+    def add(self, a: Ciphertext, b: Ciphertext) -> Ciphertext:
+        return self.be.add(*self.evaluator._aligned(a, b))
+
+    def add_constant(self, a: Ciphertext, c: float) -> Ciphertext:
+        return self.be.add_plain(a, self.be.encode(c, self.be.level(a)))
