@@ -12,9 +12,11 @@ Endpoints::
 Bodies are binary envelopes (``he_inference/wire.py``), not base64 in JSON: a query is a
 few hundred KB to a few MB and keys are tens of MB, and base64 would add a third. Parsing,
 key loading and evaluation are CPU-bound and run in worker threads under
-:class:`~server.limiter.EvaluationLimiter`; the event loop only moves bytes. The server
-never holds a secret key: every context is made from the model's own parameters, and an
-upload that carries a secret key, or lets the context decrypt, is refused.
+:class:`~server.limiter.EvaluationLimiter`; the event loop only moves bytes. Untrusted bytes
+reach a C++ parser in the server only after a limited worker process parsed them
+(``server/parsing.py``, ``server/query_worker.py``). The server never holds a secret key:
+every context is made from the model's own parameters, and an upload that carries a secret
+key, or lets the context decrypt, is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -38,6 +42,7 @@ from server.keystore import KeyStore
 from server.limiter import EvaluationLimiter
 from server.metrics import Metrics
 from server.middleware import RequestLogMiddleware
+from server.query_worker import QueryParseWorker
 from server.registry import ModelRegistry, ServedModel
 from server.settings import Settings
 
@@ -65,6 +70,19 @@ class Service:
             settings.max_concurrency, settings.max_queue, settings.retry_after_s, self.metrics
         )
         self.metrics.watch(lambda: self.store.total_bytes, lambda: len(self.contexts))
+        self.query_worker: QueryParseWorker | None = None
+        if parsing.isolates_queries(settings):
+            contexts = {
+                m.circuit.params.fingerprint(): (m.template.name, m.circuit.params)
+                for m in self.registry.models.values()
+            }
+            self.query_worker = QueryParseWorker(
+                contexts.values(),
+                parsing.worker_memory_bytes(
+                    settings.max_body_bytes, settings.key_parse_memory_factor
+                ),
+                settings.query_parse_timeout_s,
+            )
 
     # -- work done in worker threads -------------------------------------------------------
 
@@ -83,7 +101,9 @@ class Service:
     ) -> tuple[bytes, list[NodeTiming], float]:
         """Evaluate one query envelope with the stored keys; returns the result envelope."""
         loaded = self.contexts.get(model, key_id)
-        cts = parsing.decode_query(model, loaded.backend, data, self.settings.max_ciphertexts)
+        cts = parsing.decode_query(
+            model, loaded.backend, data, self.settings.max_ciphertexts, self.query_worker
+        )
         levels = sorted({loaded.backend.level(ct) for ct in cts})
         if levels != [0]:
             raise InputError(
@@ -99,10 +119,25 @@ class Service:
 def create_app(settings: Settings) -> FastAPI:
     """The ASGI app for these settings (models are loaded and the key store opened now)."""
     service = Service(settings)
-    app = FastAPI(title="he-inference", version="0.1.0", docs_url=None, redoc_url=None)
+    guard = TokenGuard.from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if service.query_worker is not None:
+            service.query_worker.start()  # builds its contexts while the server starts
+        try:
+            yield
+        finally:
+            if service.query_worker is not None:
+                service.query_worker.close()
+            if guard is not None:
+                guard.close()
+
+    app = FastAPI(
+        title="he-inference", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan
+    )
     app.state.service = service
     install_error_handlers(app)
-    guard = TokenGuard.from_settings(settings)
     if guard is not None:  # inside the log middleware, so refusals get a request id and a line
         app.add_middleware(TokenAuthMiddleware, guard=guard)
     app.state.token_guard = guard

@@ -13,10 +13,12 @@ carry no model data) needs ``Authorization: Bearer <token>`` (401 otherwise). To
 kept only as SHA-256 digests and looked up by digest, so the comparison does not leak a
 token's prefix through timing, and a token is never logged: its name is.
 
-Budgets and buckets live in this process's memory: a restart refills them, and several
-workers behind a load balancer each keep their own. A budget is reserved when a query is
-admitted (so concurrent queries cannot overdraw it) and given back when it is not answered
-with 200, so a 503 or a refused query costs nothing.
+A budget is reserved when a query is admitted (so concurrent queries cannot overdraw it) and
+given back when it is not answered with 200, so a 503 or a refused query costs nothing. The
+counts are kept in a SQLite file (``server/ledger.py``) and each reservation is committed
+before the query runs, so a restart refills no budget; a crash mid-evaluation keeps the
+reservation, which costs the token that query and never gives one away. The buckets stay in
+memory: a restart refills at most one burst of each, and the budget still bounds the total.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from he_inference.errors import ConfigurationError, HEInferenceError, OverloadedError, ServiceError
 from server.errors import error_response
+from server.ledger import QueryLedger
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -104,29 +108,36 @@ class TokenGuard:
     def __init__(
         self,
         tokens: Mapping[str, str],
+        ledger: QueryLedger,
         max_queries: int | None = None,
         rate_per_s: float | None = None,
         burst: int = 10,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._names = {_digest(token): name for token, name in tokens.items()}
+        self.ledger = ledger
         self.max_queries = max_queries
         self.rate_per_s = rate_per_s
         self.burst = burst
         self._clock = clock
         self._lock = threading.Lock()
-        self._used: dict[str, int] = {}
         self._buckets: dict[str, TokenBucket] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenGuard | None:
-        """The guard these settings ask for, or ``None`` when no token is configured."""
+        """The guard these settings ask for, or ``None`` when no token is configured.
+
+        Raises:
+            ConfigurationError: the tokens file cannot be read or is malformed.
+            StorageError: the token usage ledger cannot be opened or is not one.
+        """
         tokens = load_tokens(settings)
         if not tokens:
             return None
         logger.info("API tokens required: %d tokens", len(tokens))
         return cls(
             tokens,
+            QueryLedger(settings.token_usage_path),
             settings.max_queries_per_token,
             settings.token_rate_per_s,
             settings.token_burst,
@@ -153,43 +164,49 @@ class TokenGuard:
     def admit_query(self, name: str) -> None:
         """Reserve one answered query of ``name``'s budget and take one from its bucket.
 
+        The reservation is committed to the ledger before this returns.
+
         Raises:
             OverloadedError: (429, with Retry-After) the token's rate limit is reached.
             ServiceError: (429) the token's query budget is spent.
+            StorageError: (507) the ledger cannot record the query.
         """
-        with self._lock:
-            used = self._used.get(name, 0)
-            if self.max_queries is not None and used >= self.max_queries:
-                raise ServiceError(
-                    f"the token {name} has used its budget of {self.max_queries} queries: "
-                    f"ask the model's operator for more",
-                    429,
+        with self._lock:  # the bucket is taken only when the budget allows, and vice versa
+            self.ledger.reserve(name, lambda used: self._check(name, used))
+
+    def _check(self, name: str, used: int) -> None:
+        if self.max_queries is not None and used >= self.max_queries:
+            raise ServiceError(
+                f"the token {name} has used its budget of {self.max_queries} queries: "
+                f"ask the model's operator for more",
+                429,
+            )
+        if self.rate_per_s is not None:
+            now = self._clock()
+            bucket = self._buckets.setdefault(
+                name, TokenBucket(self.rate_per_s, float(self.burst), float(self.burst), now)
+            )
+            wait = bucket.take(now)
+            if wait > 0:
+                error = OverloadedError(
+                    f"the token {name} may send {self.rate_per_s:g} queries per second "
+                    f"(bursts of {self.burst}): retry in {wait:.1f} s",
+                    retry_after_s=wait,
                 )
-            if self.rate_per_s is not None:
-                now = self._clock()
-                bucket = self._buckets.setdefault(
-                    name, TokenBucket(self.rate_per_s, float(self.burst), float(self.burst), now)
-                )
-                wait = bucket.take(now)
-                if wait > 0:
-                    error = OverloadedError(
-                        f"the token {name} may send {self.rate_per_s:g} queries per second "
-                        f"(bursts of {self.burst}): retry in {wait:.1f} s",
-                        retry_after_s=wait,
-                    )
-                    error.status_code = 429
-                    raise error
-            self._used[name] = used + 1
+                error.status_code = 429
+                raise error
 
     def refund_query(self, name: str) -> None:
         """Give back a reserved query that was not answered."""
-        with self._lock:
-            self._used[name] = max(0, self._used.get(name, 0) - 1)
+        self.ledger.refund(name)
 
     def used(self, name: str) -> int:
         """Answered (or in-flight) queries of one token's budget."""
-        with self._lock:
-            return self._used.get(name, 0)
+        return self.ledger.used(name)
+
+    def close(self) -> None:
+        """Close the ledger."""
+        self.ledger.close()
 
 
 class TokenAuthMiddleware:
@@ -208,8 +225,8 @@ class TokenAuthMiddleware:
         is_query = scope.get("method") == "POST" and bool(_INFER_PATH.match(scope["path"]))
         try:
             name = self.guard.authenticate(headers.get(b"authorization", b"").decode("latin-1"))
-            if is_query:
-                self.guard.admit_query(name)
+            if is_query:  # a committed write (and perhaps a lock wait): off the event loop
+                await anyio.to_thread.run_sync(self.guard.admit_query, name)
         except HEInferenceError as exc:
             response = error_response(exc, str(log.get("request_id", "-")))
             if getattr(exc, "status_code", None) == 401:
@@ -233,4 +250,5 @@ class TokenAuthMiddleware:
             await self.app(scope, receive, watching_send)
         finally:
             if not answered:
-                self.guard.refund_query(name)
+                with anyio.CancelScope(shield=True):  # a dropped connection still refunds
+                    await anyio.to_thread.run_sync(self.guard.refund_query, name)

@@ -12,12 +12,20 @@ and written to the file's mtime at most once a minute, so a restart keeps the or
 within that minute. Galois keys are the largest upload the service takes (tens to hundreds
 of MB at N=16384), so the cap is what keeps a busy server's disk bounded.
 
+A store that cannot be written (a full disk, a read-only mount, a folder replaced by a
+file, lost permissions) refuses the upload with a :class:`StorageError` (507) that says what
+to do for that cause, logs the path for the operator, and leaves no file behind; keys
+already stored keep answering, and a key that cannot be unlinked on eviction or expiry is
+forgotten in memory and logged (the next start finds and expires it again).
+
 This class holds bytes only; the loaded backend contexts live in ``server/contexts.py``,
 which listens for evictions so that a removed key is also dropped from memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
@@ -159,11 +167,12 @@ class KeyStore:
 
         Raises:
             UnknownKeyError: no keys are stored under this id.
+            StorageError: the file cannot be removed (the keys stay stored and usable).
         """
         with self._lock:
             if self._live_entry(model, key_id) is None:
                 raise _unknown(model, key_id)
-            self._remove(model, key_id)
+            self._remove(model, key_id, strict=True)
         logger.info("deleted keys %s of model %s", key_id[:12], model)
 
     # -- internals ----------------------------------------------------------------------
@@ -179,7 +188,10 @@ class KeyStore:
         for path in files:
             if path.name.endswith(TMP_SUFFIX):
                 logger.warning("deleting interrupted key write %s", path)
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:  # never read, so harmless: a read-only store still serves
+                    logger.error("cannot delete %s: %s", path, exc.strerror)
                 continue
             if path.suffix != SUFFIX or not KEY_ID.match(path.stem):
                 continue
@@ -218,9 +230,19 @@ class KeyStore:
             except OSError as exc:  # the order survives in memory; only a restart loses it
                 logger.warning("cannot record the use of keys %s: %s", key_id[:12], exc)
 
-    def _remove(self, model: str, key_id: str) -> None:
+    def _remove(self, model: str, key_id: str, strict: bool = False) -> None:
+        """Forget keys and unlink their file; ``strict`` raises when the unlink fails."""
+        path = self._path(model, key_id)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.error("cannot delete keys %s: %s", path, exc.strerror)
+            if strict:
+                raise StorageError(
+                    f"the key store cannot delete keys {key_id[:12]} of model {model}: "
+                    f"{exc.strerror}; {_advice(exc.errno)}, then delete them again"
+                ) from exc
         self._entries.pop((model, key_id), None)
-        self._path(model, key_id).unlink(missing_ok=True)
         for listener in self._listeners:
             listener(model, key_id)
 
@@ -249,12 +271,28 @@ class KeyStore:
             finally:
                 os.close(dir_fd)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # ENOTDIR/EROFS: there is no file to remove
+                tmp.unlink(missing_ok=True)
+            logger.error("cannot write keys %s: %s", path, exc.strerror)
             # The message goes to the client (507), so it names the key, not the server's path.
             raise StorageError(
                 f"the key store cannot take keys {path.stem[:12]} of model {path.parent.name}: "
-                f"{exc.strerror}; stored keys still work, retry the upload later"
+                f"{exc.strerror}; stored keys still work; {_advice(exc.errno)}, then retry "
+                f"the upload"
             ) from exc
+
+
+def _advice(code: int | None) -> str:
+    """What to do about a failed key-store write, by its errno."""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "the server's operator must free space in the key store or raise its quota"
+    if code == errno.EROFS:
+        return "the key store is on a read-only file system: the operator must remount it"
+    if code in (errno.EACCES, errno.EPERM):
+        return "the server may not write to the key store: the operator must grant it"
+    if code in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return "a file stands where the key store expects a folder: the operator must move it away"
+    return "the server's operator must repair the key store (the log names the path)"
 
 
 def _die_halfway(fd: int, view: memoryview) -> None:

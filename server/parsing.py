@@ -26,20 +26,22 @@ costs one extra parse and about 0.3 to 0.6 s of interpreter start per upload: sm
 upload itself. Keys read back from the key store were checked this way when uploaded and
 are loaded in-process.
 
-Query ciphertexts are small and frequent, and a process per query would cost more than the
-evaluation of a small circuit, so they are parsed in-process, after the checks that bound
-what a parser may be handed: the body against ``max_body_bytes``, the count against the
-model's input layout, and each blob against the backend's ``max_ciphertext_bytes`` with the
-declared sizes summing exactly to the body. The remaining risk is a forged body of the
-right size behind a valid header, which a C++ parser may still mishandle inside that bound:
-OpenFHE's parser trusts length fields inside a ciphertext. SEAL inflates a compressed
-(zstd) ciphertext without bounding its output, so ``SealBackend.load_ciphertext`` first
-inflates it in bounded steps and refuses one that grows past the context's largest
+Query ciphertexts are small and frequent, so they go to one persistent worker of the same
+kind instead (``server/query_worker.py``, where its cost is measured: a few milliseconds per
+query), after the checks that bound what a parser may be handed: the body against
+``max_body_bytes``, the count against the model's input layout, and each blob against the
+backend's ``max_ciphertext_bytes`` with the declared sizes summing exactly to the body. That
+worker runs for the backends in :data:`UNBOUNDED_QUERY_PARSERS` (OpenFHE, whose parser
+believes the lengths inside a ciphertext; ``isolate_query_parsing`` overrides the choice).
+SEAL checks a ciphertext's sizes against the context before it allocates, but inflates a
+compressed (zstd) ciphertext without bounding its output, so ``SealBackend.load_ciphertext``
+first inflates it in bounded steps and refuses one that grows past the context's largest
 ciphertext (an 8 kB zstd bomb claiming 256 MiB cost 2.5 s and 1.2 GiB before that check).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -56,7 +58,8 @@ from he_inference.backends.base import Ciphertext
 from he_inference.errors import HEInferenceError, InputError, MalformedPayloadError
 from he_inference.params import CkksParameters
 
-if TYPE_CHECKING:  # the worker loads this file without the server package (see _BOOTSTRAP)
+if TYPE_CHECKING:  # the worker loads this file without the server package (see BOOTSTRAP)
+    from server.query_worker import QueryParseWorker
     from server.registry import ServedModel
     from server.settings import Settings
 
@@ -65,6 +68,10 @@ logger = logging.getLogger(__name__)
 # Interpreter, numpy and the backend library are mapped before the limit is set; this covers
 # what loading allocates beyond the keys themselves (a context, pools, OpenMP stacks).
 HEADROOM_BYTES = 512 << 20
+# Backends whose ciphertext parser believes the lengths inside a ciphertext. SEAL checks each
+# ciphertext's sizes against the context before it allocates, and its zstd inflation is
+# bounded by ``SealBackend.load_ciphertext``; the plain backend reads numpy arrays by size.
+UNBOUNDED_QUERY_PARSERS = frozenset({"openfhe"})
 
 
 def decode_evaluation_keys(
@@ -92,20 +99,29 @@ def decode_evaluation_keys(
 
 
 def decode_query(
-    model: ServedModel, backend: Backend, data: bytes, max_count: int
+    model: ServedModel,
+    backend: Backend,
+    data: bytes,
+    max_count: int,
+    worker: QueryParseWorker | None = None,
 ) -> list[Ciphertext]:
-    """Check a query envelope's count and sizes, then parse its ciphertexts in-process.
+    """Check a query envelope's count and sizes, trial-parse it in ``worker``, then parse it.
 
     The count is bounded by the model's input layout before any ciphertext is parsed, so a
     query makes the parser run at most as often as the model needs.
 
     Raises:
-        MalformedPayloadError: the envelope or a ciphertext does not parse, is oversized, or
-            holds more ciphertexts than the model takes.
+        MalformedPayloadError: the envelope or a ciphertext does not parse, is oversized,
+            holds more ciphertexts than the model takes, or crashes or exhausts the worker.
         ParameterMismatchError: the envelope is for another context or model.
         InputError: the query holds fewer ciphertexts than the model takes.
+        ServiceError: (503) the worker cannot be started.
     """
     chunks = model.circuit.input_layout.chunks
+    if worker is not None:
+        worker.check(
+            backend.name, backend.params, data, model=model.name, max_count=min(max_count, chunks)
+        )
     cts = wire.decode_ciphertexts(backend, data, min(max_count, chunks), model=model.name)
     if len(cts) != chunks:
         raise InputError(
@@ -113,6 +129,13 @@ def decode_query(
             f"{len(cts)}: encrypt with the manifest's input layout"
         )
     return cts
+
+
+def isolates_queries(settings: Settings) -> bool:
+    """Whether queries are trial-parsed in a :class:`~server.query_worker.QueryParseWorker`."""
+    if settings.isolate_query_parsing == "auto":
+        return settings.backend in UNBOUNDED_QUERY_PARSERS
+    return settings.isolate_query_parsing == "always"
 
 
 def worker_memory_bytes(upload_bytes: int, factor: float) -> int:
@@ -136,21 +159,12 @@ def check_keys_in_worker(
         HEInferenceError: the class the keys were refused with in the worker.
     """
     order = {"backend": backend_name, "params": params.to_dict(), "memory_bytes": memory_bytes}
-    env = {
-        **os.environ,
-        # The worker imports he_inference from wherever this process did.
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)),
-        # Each OpenMP thread maps a stack and a malloc arena (64 MiB of address space),
-        # which would count against the limit and buys nothing for one parse.
-        "OMP_NUM_THREADS": "1",
-        "MALLOC_ARENA_MAX": "2",
-    }
     start = time.perf_counter()
     worker = subprocess.Popen(
-        [sys.executable, "-c", _BOOTSTRAP, __file__],
+        worker_command("worker_main"),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env=env,
+        env=worker_environment(),
         close_fds=True,
     )
     try:
@@ -169,6 +183,24 @@ def check_keys_in_worker(
     )
     if verdict is not None:
         raise verdict
+
+
+def worker_command(entry_point: str) -> list[str]:
+    """The command line of a fresh interpreter that runs one function of this file."""
+    return [sys.executable, "-c", BOOTSTRAP, __file__, entry_point]
+
+
+def worker_environment() -> dict[str, str]:
+    """The environment of a parsing worker: this one's, with threads and arenas bounded."""
+    return {
+        **os.environ,
+        # The worker imports he_inference from wherever this process did.
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)),
+        # Each OpenMP thread maps a stack and a malloc arena (64 MiB of address space),
+        # which would count against the limit and buys nothing for one parse.
+        "OMP_NUM_THREADS": "1",
+        "MALLOC_ARENA_MAX": "2",
+    }
 
 
 def _exchange(worker: subprocess.Popen[bytes], payload: bytes, timeout_s: float) -> bytes | None:
@@ -196,7 +228,7 @@ def _verdict(output: bytes | None, returncode: int, timeout_s: float) -> HEInfer
         if answer.get("ok") is True:
             return None
         if isinstance(answer.get("error"), str):
-            return _rebuild(answer["error"], str(answer.get("detail", "")))
+            return rebuild_error(answer["error"], str(answer.get("detail", "")))
     how = f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit {returncode}"
     return MalformedPayloadError(
         f"the evaluation keys crashed their parser ({how}) or exceeded its memory limit: "
@@ -204,7 +236,7 @@ def _verdict(output: bytes | None, returncode: int, timeout_s: float) -> HEInfer
     )
 
 
-def _rebuild(class_name: str, message: str) -> HEInferenceError:
+def rebuild_error(class_name: str, message: str) -> HEInferenceError:
     """The worker's error as the same class here (MalformedPayloadError when unknown)."""
     cls = getattr(errors, class_name, None)
     # ServiceError and its subclasses take a status as well; no key load raises them.
@@ -218,19 +250,19 @@ def _rebuild(class_name: str, message: str) -> HEInferenceError:
 
 # Loads this file by path, as a module of its own name, so that the worker never imports the
 # ``server`` package (FastAPI and the app would add half a second to every upload).
-_BOOTSTRAP = (
+BOOTSTRAP = (
     "import importlib.util, sys\n"
     "spec = importlib.util.spec_from_file_location('he_inference_key_worker', sys.argv[1])\n"
     "module = importlib.util.module_from_spec(spec)\n"
     "spec.loader.exec_module(module)\n"
-    "module.worker_main()\n"
+    "getattr(module, sys.argv[2])()\n"
 )
 
 
 def worker_main() -> None:
     """The worker's body: read the order, cap memory, read the envelope, load, answer."""
     order = json.loads(sys.stdin.buffer.readline())
-    _limit_address_space(int(order["memory_bytes"]))
+    limit_address_space(int(order["memory_bytes"]))
     answer: dict[str, object]
     try:
         backend = make_backend(str(order["backend"]), CkksParameters.from_dict(order["params"]))
@@ -254,7 +286,59 @@ def worker_main() -> None:
     sys.stdout.flush()
 
 
-def _limit_address_space(extra_bytes: int) -> None:
+def query_worker_main() -> None:
+    """The persistent query worker: build each context, cap memory, then check queries.
+
+    Its first line in is ``{"contexts": [...], "memory_bytes": n}``; it answers
+    ``{"ready": true}`` once every context is built and the limit is set, so the limit bounds
+    what one query's parse may allocate and not the contexts. Each query is then an order
+    line ``{"backend", "params", "model", "max_count", "size"}`` followed by ``size`` bytes,
+    answered with one line as the key worker answers. It exits when its input closes (the
+    server stopped or died).
+    """
+    answers = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)  # whatever a library prints goes to stderr, never into the answers
+    backends: dict[str, Backend] = {}
+
+    def context(spec: dict[str, object]) -> Backend:
+        params = CkksParameters.from_dict(spec["params"])  # type: ignore[arg-type]
+        key = f"{spec['backend']}:{params.fingerprint()}"
+        if key not in backends:
+            backends[key] = make_backend(str(spec["backend"]), params)
+            # Loading an empty ciphertext is refused, after the backend has built what a load
+            # checks against (OpenFHE: a reference ciphertext, which takes a key generation).
+            with contextlib.suppress(Exception):
+                backends[key].load_ciphertext(b"")
+        return backends[key]
+
+    start = json.loads(sys.stdin.buffer.readline())
+    for spec in start["contexts"]:
+        context(spec)
+    limit_address_space(int(start["memory_bytes"]))
+    answers.write(json.dumps({"ready": True}) + "\n")
+    answers.flush()
+    while line := sys.stdin.buffer.readline():
+        order = json.loads(line)
+        data = sys.stdin.buffer.read(int(order["size"]))
+        answer: dict[str, object]
+        try:
+            wire.decode_ciphertexts(
+                context(order), data, int(order["max_count"]), model=str(order["model"])
+            )
+            answer = {"ok": True}
+        except HEInferenceError as exc:
+            answer = {"error": type(exc).__name__, "detail": str(exc)}
+        except MemoryError:
+            answer = {
+                "error": "MalformedPayloadError",
+                "detail": "the query asked its parser for more memory than ciphertexts of "
+                "this size need: it is malformed; encrypt with this model's manifest",
+            }
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+
+
+def limit_address_space(extra_bytes: int) -> None:
     """Cap this process's address space at its current size plus ``extra_bytes``."""
     try:
         with open("/proc/self/statm", encoding="ascii") as statm:

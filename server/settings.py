@@ -43,12 +43,21 @@ class Settings(BaseModel):
         key_parse_memory_factor: that worker may grow its address space by this many times
             the upload's size (plus a fixed headroom) before its allocations fail.
         key_parse_timeout_s: seconds that worker may take before it is killed (400 then).
+        isolate_query_parsing: trial-parse each query in a persistent memory- and
+            time-limited worker before the server parses it (``server/query_worker.py``):
+            ``auto`` for the backends whose parser believes lengths inside a ciphertext
+            (OpenFHE), ``always`` or ``never``.
+        query_parse_timeout_s: seconds one query's trial parse may take before the worker
+            is killed (400 then). Its memory is bounded as the key worker's, with
+            ``max_body_bytes`` for the upload's size.
         api_tokens: API token -> client name; when this or ``api_tokens_file`` names any
             token, every endpoint but the probes needs one (see ``server/auth.py``).
         api_tokens_file: a JSON file of more token -> name pairs.
         max_queries_per_token: answered queries each token may have (429 beyond).
         token_rate_per_s: queries per second each token may send (429 with Retry-After).
         token_burst: queries a token may send at once before its rate limit applies.
+        token_usage_file: the SQLite file of each token's answered queries, which survives
+            restarts (default: ``token-usage.sqlite3`` in ``key_store_dir``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -68,13 +77,21 @@ class Settings(BaseModel):
     isolate_key_parsing: bool = True
     key_parse_memory_factor: float = Field(default=4.0, gt=0)
     key_parse_timeout_s: float = Field(default=120.0, gt=0)
+    isolate_query_parsing: Literal["auto", "always", "never"] = "auto"
+    query_parse_timeout_s: float = Field(default=30.0, gt=0)
     api_tokens: dict[str, str] = Field(default_factory=dict, repr=False)
     api_tokens_file: Path | None = None
     max_queries_per_token: int | None = Field(default=None, gt=0)
     token_rate_per_s: float | None = Field(default=None, gt=0)
     token_burst: int = Field(default=10, gt=0)
+    token_usage_file: Path | None = None
 
-    @field_validator("models_dir", "key_store_dir")
+    @field_validator("models_dir", "key_store_dir", "token_usage_file")
     @classmethod
-    def _expand(cls, value: Path) -> Path:
-        return Path(value).expanduser()
+    def _expand(cls, value: Path | None) -> Path | None:
+        return None if value is None else Path(value).expanduser()
+
+    @property
+    def token_usage_path(self) -> Path:
+        """Where the answered-query count of each token is kept."""
+        return self.token_usage_file or self.key_store_dir / "token-usage.sqlite3"

@@ -6,9 +6,12 @@ what the same query answers alone; a soak of sequential queries leaves the serve
 
 Faults: SIGKILL during an evaluation and during a key write, then a restart on the same key
 store: stored keys still answer, the half-written file is deleted unread, and the client's
-retries (the same upload, the same query) succeed. A full disk is an in-process 507 with a
-message, after which stored keys keep working (tests run as root, where chmod blocks
-nothing, so ENOSPC is raised from ``os.write`` for files under the key store only).
+retries (the same upload, the same query) succeed. A full disk, a model's key folder
+replaced by a file, a read-only store and a store the server may not write are each an
+in-process 507 whose message says what the operator must do, leaving no file behind, after
+which stored keys keep working. Tests run as root, where chmod blocks nothing and mounts are
+not available, so ENOSPC, EROFS and EACCES are raised from ``os`` calls on paths under the
+key store only; the folder replaced by a file is real.
 
 SEAL runs where encryption matters (the burst, the kill mid-evaluation: about one second
 per evaluation at N=16384); the plain backend runs where only the store or the process
@@ -23,7 +26,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -330,3 +333,81 @@ def post_in_process(http: Any, model: Model, body: bytes) -> np.ndarray[Any, Any
     )
     assert response.status_code == 200, response.text
     return model.decrypt(response.content)
+
+
+def test_a_key_folder_replaced_by_a_file_is_a_507_naming_the_fix(tmp_path: Path) -> None:
+    write_models(tmp_path / "models")
+    store = (tmp_path / "keys").resolve()
+    with serve(tmp_path) as http:
+        model = handle("http://testserver", tmp_path / "a", http=http)
+        model.upload_keys()
+        body = model.encrypt(x_query(6))
+        answer = post_in_process(http, model, body)
+
+        (store / OTHER).write_bytes(b"")  # a botched restore: a file where a folder belongs
+        other = handle("http://testserver", tmp_path / "b", http=http, name=OTHER)
+        envelope = wire.encode_evaluation_keys(other._keys()[0])
+        response = http.post(f"/v1/models/{OTHER}/keys", content=envelope)
+        assert response.status_code == 507, response.text
+        detail = response.json()["detail"]
+        assert "a file stands where the key store expects a folder" in detail, detail
+        assert "stored keys still work" in detail and str(store) not in detail
+        assert (store / OTHER).read_bytes() == b""
+        assert sorted(p.name for p in store.rglob("*.h*")) == [f"{model.key_id}.hek"]
+
+        np.testing.assert_array_equal(post_in_process(http, model, body), answer)
+        (store / OTHER).unlink()
+        assert http.post(f"/v1/models/{OTHER}/keys", content=envelope).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("code", "advice"),
+    [
+        (errno.EROFS, "read-only file system: the operator must remount it"),
+        (errno.EACCES, "may not write to the key store: the operator must grant it"),
+    ],
+)
+def test_an_unwritable_key_store_is_a_507_naming_the_fix_and_keys_keep_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, advice: str
+) -> None:
+    write_models(tmp_path / "models")
+    store = (tmp_path / "keys").resolve()
+    with serve(tmp_path) as http:
+        model = handle("http://testserver", tmp_path / "a", http=http)
+        model.upload_keys()
+        body = model.encrypt(x_query(7))
+        answer = post_in_process(http, model, body)
+
+        # As root, chmod and read-only bind mounts are not available to a test: the calls that
+        # a read-only mount or lost permissions refuse are refused under the store, and only
+        # those (opening for writing, making a folder, unlinking).
+        def refusing(real: Callable[..., Any], writes: Callable[..., bool]) -> Callable[..., Any]:
+            def call(path: Any, *args: Any, **kwargs: Any) -> Any:
+                if writes(*args) and str(path).startswith(str(store)):
+                    raise OSError(code, os.strerror(code), str(path))
+                return real(path, *args, **kwargs)
+
+            return call
+
+        opens = refusing(os.open, lambda flags, *_: bool(flags & (os.O_CREAT | os.O_WRONLY)))
+        monkeypatch.setattr(os, "open", opens)
+        for name in ("mkdir", "unlink"):
+            monkeypatch.setattr(Path, name, refusing(getattr(Path, name), lambda *_: True))
+        other = handle("http://testserver", tmp_path / "b", http=http, name=OTHER)
+        envelope = wire.encode_evaluation_keys(other._keys()[0])
+        response = http.post(f"/v1/models/{OTHER}/keys", content=envelope)
+        assert response.status_code == 507, response.text
+        detail = response.json()["detail"]
+        assert response.json()["error"] == "StorageError"
+        assert os.strerror(code) in detail and advice in detail, detail
+        assert "stored keys still work" in detail and str(store) not in detail
+        deleted = http.delete(f"/v1/models/{MODEL}/keys/{model.key_id}")
+        assert deleted.status_code == 507 and advice in deleted.json()["detail"], deleted.text
+
+        np.testing.assert_array_equal(post_in_process(http, model, body), answer)
+        monkeypatch.undo()
+        assert sorted(p.relative_to(store) for p in store.rglob("*")) == [
+            Path(MODEL),
+            Path(MODEL, f"{model.key_id}.hek"),
+        ]
+        assert http.post(f"/v1/models/{OTHER}/keys", content=envelope).status_code == 201
