@@ -3,7 +3,9 @@
 Everything the handle knows about the model comes from its public manifest: the CKKS
 parameters, the slot layouts, the rotation steps to make Galois keys for, the calibrated
 input range and the post-processing. The backend is the one the server names, because a
-ciphertext only loads into the library that wrote it; it must be installed here too.
+ciphertext only loads into the library that wrote it; it must be installed here too. The
+parameters of an OpenFHE circuit also carry its noise-flooding estimate, and the client's
+context is built from them, so its decryption floods with exactly the server's settings.
 
 A query moves as: check -> pack per the input layout -> encrypt (symmetric, seeded where
 the backend can, which halves the upload) -> envelope -> POST -> envelope -> decrypt ->
@@ -82,6 +84,17 @@ class Model:
         self._backend: Backend | None = None
         self._envelope: bytes | None = None
         self._record: KeyRecord | None = None
+        if self.backend_name == "openfhe" and not self.noise_flooding:
+            logger.warning(
+                "model %s decrypts without noise flooding (compiled with it off, or before "
+                "it existed): do not share its decrypted outputs at full precision",
+                self.name,
+            )
+
+    @property
+    def noise_flooding(self) -> bool:
+        """Whether results of this model decrypt with noise flooding (OpenFHE circuits)."""
+        return self.params.noise_flooding is not None
 
     @property
     def key_id(self) -> str | None:
@@ -231,9 +244,12 @@ class Model:
     def decrypt(self, data: bytes) -> np.ndarray:
         """Outputs ``[batch, *shape]`` from a result envelope of this model.
 
-        Only the output layout's slots are decoded. Keep the values to yourself: a decrypted
-        result at full precision, together with the ciphertext it came from (which the
-        server has), reveals the secret key (see the README's Security section).
+        Only the output layout's slots are decoded. Where the manifest publishes noise
+        flooding (OpenFHE circuits), decryption adds the flooding noise sized from the
+        manifest's estimate, so every decryption of one ciphertext differs. Without it keep
+        the values to yourself: a decrypted result at full precision, together with the
+        ciphertext it came from (which the server has), reveals the secret key (see the
+        README's Security section).
 
         Raises:
             WireError: the envelope is malformed or for another model or context.

@@ -13,13 +13,16 @@ import numpy as np
 import onnx
 
 from compiler.calibrate import calibrate_ranges
+from compiler.flooding import add_noise_flooding
 from compiler.lower import lower, plan
 from compiler.onnx_import import import_model
 from compiler.passes.collect_unsupported import collect_unsupported
+from compiler.passes.expand_prelu import expand_prelu
 from compiler.passes.extract_postprocess import extract_postprocess
 from compiler.passes.fold_constants import fold_constants
 from compiler.passes.fuse_activation_patterns import fuse_activation_patterns
 from compiler.passes.remove_identity import remove_identity
+from compiler.passes.rewrite_encrypted_joins import rewrite_encrypted_joins
 from compiler.passes.rewrite_linear_classifier import rewrite_linear_classifier
 from compiler.verify import verify_circuit, verify_model
 from he_inference.circuit import Circuit
@@ -44,6 +47,9 @@ def compile_model(
     name: str | None = None,
     margin: float = 0.1,
     backend: str = "seal",
+    noise_flooding: bool = True,
+    flooding_security: int = 30,
+    flooding_queries: int = 1,
 ) -> Circuit:
     """Compile an ONNX model into a CKKS circuit.
 
@@ -64,6 +70,11 @@ def compile_model(
         margin: each calibrated range is widened by this fraction of its width per side.
         backend: the backend the circuit will run on; its key switching shapes the chain
             (OpenFHE reserves a 60-bit key-switching prime, so it may need a larger ring).
+        noise_flooding: on OpenFHE, decrypt with noise flooding (see compiler/flooding.py):
+            the circuit runs once here to measure its noise, and its chain moves to scale
+            2^59, which about doubles the ring degree. Ignored on other backends.
+        flooding_security: statistical security of the flooding, in bits (at least 30).
+        flooding_queries: decryptions of related ciphertexts an attacker may collect.
 
     Raises:
         InvalidModelError: the model is not valid ONNX or has the wrong inputs or outputs.
@@ -71,6 +82,7 @@ def compile_model(
             of them are listed in one message).
         ConfigurationError: an option is out of range, or no polynomial meets the budget.
         InsecureParametersError: no ring degree fits the circuit at the security level.
+        BackendUnavailableError: flooding on OpenFHE is asked for and openfhe is missing.
     """
     if batch < 1 or not 0 < error_budget < 1 or (degree is not None and degree < 1):
         raise ConfigurationError(
@@ -90,8 +102,13 @@ def compile_model(
     rewrite_linear_classifier(imported)
     # Softmax/ArgMax at the end run on the client after decryption, exactly and for free.
     extract_postprocess(imported)
-    # x*Sigmoid(x) and the Erf form of GELU become one polynomial instead of two plus a product.
+    # A per-channel PRelu slope cannot be one polynomial's: a Relu between linear maps can.
+    expand_prelu(imported)
+    # SiLU, GELU (Erf or Tanh form) and Mish written as arithmetic become one polynomial
+    # each instead of two plus products.
     fuse_activation_patterns(imported)
+    # Sub, Concat, Sum, Mean and broadcasts over several roots become Adds of linear maps.
+    rewrite_encrypted_joins(imported)
     # Every unsupported node is reported in one error before any key or range work.
     collect_unsupported(imported)
     # Roots and segments decide which tensors become circuit values and need ranges.
@@ -125,6 +142,17 @@ def compile_model(
     )
 
     verify_circuit(circuit)
+    # OpenFHE decrypts with noise flooding, sized from the circuit's own output noise: that
+    # is measured here, where the weights are, and published in the parameters.
+    if backend == "openfhe" and noise_flooding:
+        circuit = add_noise_flooding(
+            circuit,
+            calibration,
+            statistical_security=flooding_security,
+            adversarial_queries=flooding_queries,
+        )
+    elif backend == "openfhe":
+        circuit.metadata["noise_flooding"] = "off"
     return circuit
 
 

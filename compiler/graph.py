@@ -45,7 +45,8 @@ class ImportedModel:
     Attributes:
         model: the graph being rewritten (passes edit it in place).
         original: the model as imported (batch fixed, opset upgraded), which onnxruntime
-            runs for calibration; every encrypted tensor of ``model`` is named in it.
+            runs for calibration; every activation input of ``model`` is named in it (a pass
+            that makes a new one adds the nodes computing it here too).
         input_name: the one data input.
         input_shape: its static shape, batch dimension fixed.
         input_dtype: its numpy dtype (float32 or float64).
@@ -88,6 +89,29 @@ class ImportedModel:
             if any(name in tainted for name in node.input if name):
                 tainted.update(o for o in node.output if o)
         return tainted
+
+
+class NameScope:
+    """Fresh tensor and node names for what a pass adds, unique in every graph given."""
+
+    def __init__(self, *graphs: onnx.GraphProto) -> None:
+        self._used: set[str] = set()
+        for graph in graphs:
+            self._used.update(v.name for v in [*graph.input, *graph.output, *graph.value_info])
+            self._used.update(t.name for t in graph.initializer)
+            for node in graph.node:
+                self._used.update(node.input)
+                self._used.update(node.output)
+                self._used.add(node.name)
+
+    def fresh(self, base: str) -> str:
+        """``base``, or ``base_1``, ``base_2``, ... when that name is taken; now taken."""
+        name, count = base, 0
+        while name in self._used:
+            count += 1
+            name = f"{base}_{count}"
+        self._used.add(name)
+        return name
 
 
 def node_key(node: onnx.NodeProto) -> str:

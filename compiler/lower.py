@@ -8,10 +8,18 @@ whole by ``affine.py``. Fusing the segment this way costs one level however many
 it spans. A segment output that is exactly the identity (a Flatten, say) aliases its root
 and costs nothing.
 
-Levels: a linear map consumes one, a polynomial ``chebyshev_depth(degree)`` plus one when its
-interval is not ``[-1, 1]``, a product one, an addition none. The interval's affine map is
+Levels: a linear map consumes one, a polynomial ``chebyshev_depth(degree)`` (that is
+``ceil(log2(d + 1))``) plus one when its interval is not ``[-1, 1]``, a product one, an
+addition none. The interval's affine map is
 folded into the preceding linear map when that map feeds only the activation, which saves
-the extra level.
+the extra level. The other way round, a segment that only scales and shifts a polynomial's
+output by scalars (the Neg of a Sub, say) and is its only reader folds into the
+polynomial's coefficients instead of becoming a linear node, which saves its level too.
+
+A join of values from different roots is a ``BinaryNode`` add of two segment outputs of one
+shape: ``rewrite_encrypted_joins`` first turns Sub, Concat, Sum, Mean and broadcasting Adds
+of several roots into such Adds of linear maps (Neg, Pad, Expand in each operand's
+segment), and ``expand_prelu`` a per-channel PRelu into a Relu, linear maps and one Add.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from scipy import sparse
 
 from compiler.affine import AffineMap, measure_affine_maps
 from compiler.graph import ImportedModel, describe, node_key, producers
-from compiler.ops import activation_function, classify
+from compiler.ops import activation_function, classify, root_tensors
 from compiler.packing import linear_node
 from he_inference import approx
 from he_inference.circuit import (
@@ -67,7 +75,7 @@ def plan(imported: ImportedModel) -> Plan:
     """
     constants = imported.constants()
     encrypted = imported.encrypted()
-    roots = {imported.input_name: imported.input_name}
+    roots = root_tensors(imported.graph.node, imported.input_name, encrypted, constants)
     kinds: dict[str, str] = {}
     needed: list[str] = []
     activations = []
@@ -80,7 +88,7 @@ def plan(imported: ImportedModel) -> Plan:
                 kind = "linear"
             elif node.op_type in ("Add", "Sum") and len(inputs) == 2:
                 kind = "add"
-            else:
+            else:  # rewrite_encrypted_joins leaves none of these
                 raise UnsupportedModelError(
                     f"{describe(node)} joins encrypted values from {len(sources)} different "
                     f"sources ({', '.join(sorted(sources))}): only an Add of two is supported"
@@ -88,9 +96,6 @@ def plan(imported: ImportedModel) -> Plan:
         if kind == "unsupported":
             raise UnsupportedModelError(f"{describe(node)}: {reason}")
         kinds[node_key(node)] = kind
-        for out in node.output:
-            if out:
-                roots[out] = roots[inputs[0]] if kind == "linear" else out
         if kind != "linear":
             needed.extend(inputs[:1] if kind in ("activation", "square") else inputs)
         if kind == "activation":
@@ -133,9 +138,14 @@ def lower(
             for n in set(node.input):
                 readers[n] = readers.get(n, 0) + 1
 
+    per_root: dict[str, int] = {}
+    for tensor in the_plan.materialised:
+        per_root[the_plan.roots[tensor]] = per_root.get(the_plan.roots[tensor], 0) + 1
+
     value: dict[str, str] = {imported.input_name: imported.input_name}
     specs: list[dict[str, Any]] = []
     linear_specs: dict[str, dict[str, Any]] = {}
+    polynomial_specs: dict[str, dict[str, Any]] = {}
 
     def emit_linear(tensor: str) -> None:
         matrix, bias = maps[tensor]
@@ -143,6 +153,27 @@ def lower(
         if tensor != output and _is_identity(matrix, bias):
             value[tensor] = value[root]
             logger.debug("segment output %s is the identity of %s: aliased", tensor, root)
+            return
+        scalar = _scalar_affine(matrix, bias)
+        polynomial = polynomial_specs.get(root)
+        if (
+            scalar is not None
+            and polynomial is not None
+            and tensor != output
+            and root != output
+            and per_root[root] == 1
+            and not readers.get(root)
+        ):
+            _fold_into_polynomial(polynomial, *scalar)
+            polynomial["sources"] = [*polynomial["sources"], *_segment_sources(tensor, root, made)]
+            value[tensor] = value[root]
+            logger.debug(
+                "segment output %s = %g * %s %+g folded into the polynomial",
+                tensor,
+                scalar[0],
+                root,
+                scalar[1],
+            )
             return
         node_name = tensor if tensor != imported.input_name else f"{tensor}:out"
         spec = {
@@ -209,6 +240,8 @@ def lower(
         spec["name"] = node.output[0]
         specs.append(spec)
         value[node.output[0]] = node.output[0]
+        if spec["kind"] == "polynomial":
+            polynomial_specs[node.output[0]] = spec
 
     return _assemble(
         imported,
@@ -265,6 +298,27 @@ def _is_identity(matrix: sparse.csr_matrix, bias: np.ndarray) -> bool:
         return False
     coo = matrix.tocoo()
     return bool(np.all(coo.row == coo.col) and np.all(coo.data == 1.0))
+
+
+def _scalar_affine(matrix: sparse.csr_matrix, bias: np.ndarray) -> tuple[float, float] | None:
+    """``(c, d)`` when the map is ``y = c * x + d`` in every element, else ``None``."""
+    n = matrix.shape[0]
+    if matrix.shape != (n, n) or matrix.nnz != n or bias.size != n:
+        return None
+    coo = matrix.tocoo()
+    c, d = float(coo.data[0]), float(bias[0])
+    if not (np.all(coo.row == coo.col) and np.all(coo.data == c) and np.all(bias == d)):
+        return None
+    return c, d
+
+
+def _fold_into_polynomial(spec: dict[str, Any], c: float, d: float) -> None:
+    """Make a polynomial spec compute ``c * p(x) + d``: exact in the Chebyshev basis, free."""
+    coefficients = np.array(spec["coefficients"], dtype=np.float64) * c
+    coefficients[0] += d
+    spec["coefficients"] = coefficients
+    spec["max_error"] = abs(c) * spec["max_error"]
+    spec["function"] = f"{c:g}*{spec['function']}" + (f"{d:+g}" if d else "")
 
 
 def _activation_spec(
@@ -330,6 +384,7 @@ def _activation_spec(
         "upper": upper,
         "function": label,
         "max_error": fit.max_error,
+        "range": (float(lo), float(hi)),
     }
 
 
@@ -443,6 +498,7 @@ def _assemble(
                     upper=spec["upper"],
                     function=spec["function"],
                     max_error=spec["max_error"],
+                    fitted_range=spec["range"],
                     **common,
                 )
             )

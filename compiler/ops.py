@@ -7,7 +7,8 @@ input), and each node that reads an encrypted tensor falls in one class:
   ``lower.py`` measures the affine map of a whole segment with onnxruntime, so any op here
   that the runtime knows works without code of its own, and the map is checked to be affine.
 - ``join``: Add/Sub/Sum/Mean/Concat reading several encrypted tensors; linear when they all
-  derive from one source, an encrypted addition (Add only) when not.
+  derive from one root (see :func:`root_tensors`), an encrypted addition when not (the pass
+  ``rewrite_encrypted_joins`` first turns every such join into Adds of two equal shapes).
 - ``activation``: elementwise, replaced by a Chebyshev polynomial on its calibrated range.
 - ``square`` and ``multiply``: exact products of encrypted values (one level each).
 """
@@ -15,6 +16,7 @@ input), and each node that reads an encrypted tensor falls in one class:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -177,14 +179,38 @@ def classify(
     return "unsupported", "no encrypted lowering exists for this operator"
 
 
+def root_tensors(
+    nodes: Iterable[onnx.NodeProto],
+    input_name: str,
+    encrypted: set[str],
+    constants: dict[str, np.ndarray],
+) -> dict[str, str]:
+    """Each encrypted tensor's root: the data input or the nearest non-linear node's output.
+
+    A linear node, and a join whose encrypted inputs all have one root, keep their input's
+    root; every other node (an activation, a product, a join of several roots) starts one.
+    """
+    roots = {input_name: input_name}
+    for node in nodes:
+        inputs = [n for n in node.input if n in encrypted]
+        if not inputs:
+            continue
+        kind, _ = classify(node, encrypted, constants)
+        linear = kind == "linear" or (kind == "join" and len({roots[n] for n in inputs}) == 1)
+        for out in node.output:
+            if out:
+                roots[out] = roots[inputs[0]] if linear else out
+    return roots
+
+
 def activation_function(
     node: onnx.NodeProto, constants: dict[str, np.ndarray]
 ) -> tuple[Activation, str]:
     """The numpy function an activation node computes, and a label for the manifest.
 
     Raises:
-        UnsupportedModelError: the activation's parameters cannot be lowered (a per-channel
-            PRelu slope, a Clip bound that is not constant).
+        UnsupportedModelError: the activation's parameters cannot be lowered (a PRelu slope
+            that is not one constant, a Clip bound that is not constant).
     """
     op = node.op_type
     attrs = {k: v for k, v in attributes(node).items() if isinstance(v, (int, float))}
@@ -193,8 +219,9 @@ def activation_function(
         if slope is None or slope.size != 1:
             shape = None if slope is None else slope.shape
             raise UnsupportedModelError(
-                f"PRelu {describe(node)} has a per-channel slope of shape {shape}: only a shared "
-                f"(scalar) slope is supported; export with torch.nn.PReLU(num_parameters=1)"
+                f"PRelu {describe(node)} has a per-channel slope of shape {shape}: one "
+                f"polynomial takes only a shared (scalar) slope; the pass expand_prelu rewrites "
+                f"a constant per-channel one into a Relu and linear maps"
             )
         attrs = {"slope": float(slope.reshape(-1)[0])}
     elif op == "Clip":

@@ -26,6 +26,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -37,6 +38,8 @@ import numpy as np
 
 from he_inference.errors import CircuitError, FormatVersionError, InputError
 from he_inference.params import CkksParameters
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PACKAGE_VERSION = "0.1.0"
@@ -191,6 +194,9 @@ class PolynomialNode:
     level_in: int = 0
     level_out: int = 0
     kind: str = "polynomial"
+    # The calibrated range the fit covers; [lower, upper] is (-1, 1) when the map onto it
+    # was folded into the previous linear node. None in files from before it was recorded.
+    fitted_range: tuple[float, float] | None = None
 
     @property
     def degree(self) -> int:
@@ -401,6 +407,7 @@ class Circuit:
                     function=node.function,
                     degree=node.degree,
                     interval=[float(node.lower), float(node.upper)],
+                    range=[float(v) for v in (node.fitted_range or (node.lower, node.upper))],
                     max_error=float(node.max_error),
                 )
             else:
@@ -496,7 +503,17 @@ class Circuit:
         stored = manifest.pop("content_hash", None)
         if stored != _content_hash(manifest, arrays):
             raise CircuitError(f"{source} fails its content hash: the file is damaged or altered")
-        return _circuit_from(manifest, arrays)
+        circuit = _circuit_from(manifest, arrays)
+        # OpenFHE circuits from before noise flooding carry neither its parameters nor the
+        # mark of having turned it off: they still serve, with plain decryption.
+        metadata = circuit.metadata
+        if metadata.get("backend") == "openfhe" and "noise_flooding" not in metadata:
+            logger.warning(
+                "%s was compiled before noise-flooding decryption: its results decrypt "
+                "without it; recompile it with he-infer compile --backend openfhe",
+                source,
+            )
+        return circuit
 
 
 def _content_hash(manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
@@ -553,6 +570,7 @@ def _circuit_from(manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> Ci
                         upper=float(upper),
                         function=entry["function"],
                         max_error=float(entry["max_error"]),
+                        fitted_range=_pair(entry.get("range")),
                         **common,
                     )
                 )
@@ -580,3 +598,8 @@ def _circuit_from(manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> Ci
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise CircuitError(f"circuit manifest is malformed: {exc}") from exc
+
+
+def _pair(value: Any) -> tuple[float, float] | None:
+    """A stored ``[low, high]`` as a float pair, or None when absent."""
+    return None if value is None else (float(value[0]), float(value[1]))

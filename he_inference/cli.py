@@ -137,6 +137,13 @@ def compile_command(
         bool,
         typer.Option(help="Generate keys with --backend and measure sizes instead of estimating."),
     ] = False,
+    noise_flooding: Annotated[
+        bool,
+        typer.Option(
+            help="On OpenFHE, decrypt with noise flooding (runs the circuit once to measure "
+            "its noise; scale 2^59, about twice the ring degree)."
+        ),
+    ] = True,
 ) -> None:
     """Compile an ONNX model into a CKKS circuit file and report its cost per node.
 
@@ -158,6 +165,7 @@ def compile_command(
         batch=batch,
         name=name or (output.stem if output else model.stem),
         backend=backend,
+        noise_flooding=noise_flooding,
     )
     out = output or model.with_suffix(".hec")
     circuit.save(out)
@@ -186,6 +194,13 @@ def _print_report(summary: dict[str, Any]) -> None:
             f"{node['estimated_s'] * 1e3:.0f}" if "estimated_s" in node else "-",
         )
     console.print(table)
+    for node in summary["nodes"]:
+        if node["kind"] == "polynomial":
+            low, high = node["range"]
+            console.print(
+                f"{node['name']}: {node['function']} as degree {node['degree']} on "
+                f"[{low:.4g}, {high:.4g}], max error {node['max_error']:.3g}"
+            )
     totals = summary["totals"]
     sizes = summary["sizes"]
     console.print(
@@ -560,6 +575,7 @@ def circuit_report(circuit: Any, measure_backend: str | None = None) -> dict[str
             "level_in": n["level_in"],
             "level_out": n["level_out"],
             **n["cost"],
+            **{k: n[k] for k in ("function", "degree", "range", "max_error") if k in n},
         }
         for n in manifest["nodes"]
     ]

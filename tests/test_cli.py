@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from he_inference.circuit import Circuit
+from he_inference.circuit import Circuit, PolynomialNode
 from he_inference.cli import app, circuit_report
 from tests.he_inference.circuits import mlp_circuit, mlp_reference
 
@@ -115,6 +115,22 @@ def test_compile_writes_a_loadable_circuit_and_a_json_report(tmp_path: Path) -> 
     assert report["totals"]["depth"] == circuit.depth
     assert report["totals"]["poly_modulus_degree"] == circuit.params.poly_modulus_degree
     assert all(node["sources"] for node in report["nodes"])
+
+
+@needs_compiler
+def test_text_report_lists_each_fit_with_its_calibrated_range(tmp_path: Path) -> None:
+    out = tmp_path / "silu.hec"
+    model, data = ZOO / "digits_cnn_silu.onnx", ZOO / "digits.npz"
+    result = runner.invoke(app, ["compile", str(model), "-c", str(data), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    fits = [line for line in result.output.splitlines() if " as degree " in line]
+    polynomials = [n for n in Circuit.load(out).nodes if isinstance(n, PolynomialNode)]
+    assert len(fits) == len(polynomials) == 2
+    for line, node in zip(fits, polynomials, strict=True):
+        # The interval is folded to [-1, 1]; the report shows the range the fit covers.
+        assert (node.lower, node.upper) == (-1.0, 1.0)
+        assert node.fitted_range is not None and node.fitted_range[0] < -1.0
+        assert f"SiLU as degree {node.degree} on [{node.fitted_range[0]:.4g}, " in line
 
 
 def test_compile_refuses_degree_with_error_budget(tmp_path: Path) -> None:

@@ -1,17 +1,26 @@
-"""Rewrite SiLU (``x * Sigmoid(x)``) and exact GELU (``x * 0.5 * (1 + Erf(x / sqrt 2))``)
-into single activation nodes.
+"""Fuse activations that exporters write as elementwise arithmetic into one activation node.
 
-Left as exported, each is a product of two encrypted values around another activation: one
-polynomial and one ciphertext multiplication, and Erf's polynomial needs a wider range
-than GELU's. Fused, each becomes one polynomial fitted to the whole function, which is both
-cheaper (one level fewer) and more accurate. The fused nodes live in the ``he_inference``
-domain; their input tensor is a tensor of the original model, so calibration still sees it.
+SiLU (``x * Sigmoid(x)``), exact GELU (``0.5 * x * (1 + Erf(x / sqrt 2))``), GELU's tanh
+form (``0.5 * x * (1 + Tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))``, which torch's
+``approximate='tanh'`` exports as separate ops below opset 20) and Mish
+(``x * Tanh(Softplus(x))``, separate ops below opset 18). Left as exported, each is
+products of encrypted values around another activation: a polynomial, one to three
+ciphertext multiplications (a level each), and a polynomial fitted to Erf or Tanh on a
+range wider than the whole function needs. Fused, each becomes one polynomial fitted to
+the whole function, which is cheaper and more accurate.
+
+Exporters spell these functions many ways (``Pow(x, 3)`` or ``x * x * x``, the 0.5 on
+either side, ``Div`` by sqrt 2 or ``Mul`` by its inverse, constants on either operand), so
+the pattern is recognised by value rather than by shape: around each Sigmoid, Erf or Tanh,
+every region of elementwise arithmetic on scalar constants that reads one tensor ``x``,
+and whose intermediate tensors nothing outside it reads, is evaluated in numpy on a grid
+and compared with each fusable function. The fused nodes live in the ``he_inference``
+domain; their input is a tensor of the original model, so calibration still sees it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -22,130 +31,207 @@ from compiler.graph import (
     FUSED_DOMAIN,
     ImportedModel,
     consumers,
+    describe,
     node_key,
     producers,
     set_nodes,
 )
+from he_inference.approx import activation
 
 logger = logging.getLogger(__name__)
 
+_Op = Callable[..., np.ndarray]
+
+#: Elementwise operators a fusable region is made of, as numpy functions.
+_ELEMENTWISE: dict[str, _Op] = {
+    "Add": np.add,
+    "Sub": np.subtract,
+    "Mul": np.multiply,
+    "Div": np.divide,
+    "Pow": np.power,
+    "Neg": np.negative,
+    "Sigmoid": activation("Sigmoid"),
+    "Erf": activation("Erf"),
+    "Tanh": np.tanh,
+    "Softplus": activation("Softplus"),
+}
+_CENTRES = frozenset({"Sigmoid", "Erf", "Tanh"})
+
+#: What a region may fuse into: (op_type, attributes of the fused node, the function).
+_FUSED: list[tuple[str, dict[str, str], _Op]] = [
+    ("SiLU", {}, activation("SiLU")),
+    ("Gelu", {}, activation("Gelu")),
+    ("Gelu", {"approximate": "tanh"}, activation("Gelu", approximate_tanh=1.0)),
+    ("Mish", {}, lambda x: x * np.tanh(np.logaddexp(0.0, x))),
+]
+
+#: Where a region is compared with each function; wide enough that GELU's two forms, which
+#: differ by at most 4.7e-4, are told apart by ``_MATCH_TOLERANCE`` times the peak of 10.
+_GRID = np.linspace(-10.0, 10.0, 401)
+_MATCH_TOLERANCE = 1e-5
+
+#: How far from the centre a region's input and output are searched, in nodes.
+_REACH = 6
+
 
 def fuse_activation_patterns(imported: ImportedModel) -> int:
-    """Fuse SiLU and GELU patterns in place; returns how many were fused."""
+    """Fuse SiLU, GELU and Mish patterns in place; returns how many were fused."""
     graph = imported.graph
-    constants = imported.constants()
-    outputs = {o.name for o in graph.output}
+    constants = {
+        name: float(array.reshape(-1)[0])
+        for name, array in imported.constants().items()
+        if array.size == 1 and array.dtype.kind in "fiu"
+    }
+    context = _Context(graph, constants, imported.shapes)
     removed: set[str] = set()
     replacements: dict[str, onnx.NodeProto] = {}
-    readers = consumers(graph)
-    made = producers(graph)
-
-    def only_reader(name: str, node: onnx.NodeProto) -> bool:
-        return name not in outputs and [node_key(n) for n in readers.get(name, [])] == [
-            node_key(node)
-        ]
-
-    def is_const(name: str, value: float) -> bool:
-        array = constants.get(name)
-        return (
-            array is not None
-            and array.size == 1
-            and bool(np.isclose(float(array.reshape(-1)[0]), value, rtol=1e-3))
-        )
-
     count = 0
     for node in graph.node:
+        if node.op_type not in _CENTRES or node.domain not in ("", "ai.onnx"):
+            continue
         if node_key(node) in removed:
             continue
-        if node.op_type == "Sigmoid":
-            x = node.input[0]
-            muls = readers.get(node.output[0], [])
-            if (
-                len(muls) == 1
-                and muls[0].op_type == "Mul"
-                and only_reader(node.output[0], muls[0])
-                and set(muls[0].input) == {x, node.output[0]}
-            ):
-                mul = muls[0]
-                removed.add(node_key(node))
-                replacements[node_key(mul)] = helper.make_node(
-                    "SiLU", [x], [mul.output[0]], name=mul.name or node.name, domain=FUSED_DOMAIN
-                )
-                count += 1
-        elif node.op_type == "Erf":
-            chain = _match_gelu(node, made, readers, only_reader, is_const)
-            if chain is not None:
-                x, nodes = chain
-                removed.update(node_key(n) for n in nodes[:-1])
-                last = nodes[-1]
-                replacements[node_key(last)] = helper.make_node(
-                    "Gelu", [x], [last.output[0]], name=last.name or node.name, domain=FUSED_DOMAIN
-                )
-                count += 1
+        match = context.match(node, removed)
+        if match is None:
+            continue
+        x, region, (op_type, attrs, _) = match
+        last = region[-1]
+        removed.update(node_key(n) for n in region)
+        replacements[node_key(last)] = helper.make_node(
+            op_type,
+            [x],
+            [last.output[0]],
+            name=last.name or node.name,
+            domain=FUSED_DOMAIN,
+            **attrs,
+        )
+        count += 1
+        logger.debug(
+            "fused %d nodes around %s into %s%s", len(region), describe(node), op_type, attrs
+        )
 
     if count:
         set_nodes(
             graph,
-            [replacements.get(node_key(n), n) for n in graph.node if node_key(n) not in removed],
+            [
+                replacements.get(node_key(n), n)
+                for n in graph.node
+                if node_key(n) not in removed or node_key(n) in replacements
+            ],
         )
         if not any(o.domain == FUSED_DOMAIN for o in imported.model.opset_import):
             imported.model.opset_import.append(helper.make_opsetid(FUSED_DOMAIN, 1))
-    logger.info("fuse_activation_patterns: %d SiLU/GELU patterns fused", count)
+    logger.info("fuse_activation_patterns: %d SiLU/GELU/Mish patterns fused", count)
     return count
 
 
-def _match_gelu(
-    erf: onnx.NodeProto,
-    made: dict[str, onnx.NodeProto],
-    readers: dict[str, list[onnx.NodeProto]],
-    only_reader: Callable[[str, onnx.NodeProto], bool],
-    is_const: Callable[[str, float], bool],
-) -> tuple[str, list[onnx.NodeProto]] | None:
-    """``(x, nodes)`` when ``erf`` is the centre of an exact GELU, the last node the product."""
-    scale = made.get(erf.input[0])
-    if scale is None or not only_reader(erf.input[0], erf):
-        return None
-    divided = scale.op_type == "Div" and is_const(scale.input[1], math.sqrt(2.0))
-    if divided or (scale.op_type == "Mul" and is_const(scale.input[1], 1 / math.sqrt(2.0))):
-        x = scale.input[0]
-    elif scale.op_type == "Mul" and is_const(scale.input[0], 1 / math.sqrt(2.0)):
-        x = scale.input[1]
-    else:
-        return None
-    adds = readers.get(erf.output[0], [])
-    if len(adds) != 1 or adds[0].op_type != "Add" or not only_reader(erf.output[0], adds[0]):
-        return None
-    add = adds[0]
-    other = [n for n in add.input if n != erf.output[0]]
-    if len(other) != 1 or not is_const(other[0], 1.0):
+class _Context:
+    """The graph's producers and readers, and how to match a region around a centre."""
+
+    def __init__(
+        self,
+        graph: onnx.GraphProto,
+        constants: dict[str, float],
+        shapes: dict[str, tuple[int, ...]],
+    ) -> None:
+        self.constants = constants
+        self.shapes = shapes
+        self.made = producers(graph)
+        self.readers = consumers(graph)
+        self.outputs = {o.name for o in graph.output}
+        self.order = {node_key(n): i for i, n in enumerate(graph.node)}
+
+    def match(
+        self, centre: onnx.NodeProto, removed: set[str]
+    ) -> tuple[str, list[onnx.NodeProto], tuple[str, dict[str, str], _Op]] | None:
+        """``(x, region in graph order, fused kind)`` of the nearest region that fuses."""
+        for y in self._downstream(centre):
+            for x in self._upstream(centre):
+                region = self._region(x, y)
+                if region is None or any(node_key(n) in removed for n in region):
+                    continue
+                kind = self._identify(x, region)
+                if kind is not None:
+                    return x, region, kind
         return None
 
-    nodes = [scale, erf, add]
-    current, have_x, have_half = add.output[0], False, False
-    for _ in range(2):
-        muls = readers.get(current, [])
-        if len(muls) != 1 or muls[0].op_type != "Mul" or not only_reader(current, muls[0]):
+    def _elementwise(self, node: onnx.NodeProto) -> bool:
+        return node.op_type in _ELEMENTWISE and node.domain in ("", "ai.onnx")
+
+    def _downstream(self, centre: onnx.NodeProto) -> list[str]:
+        """Candidate outputs: tensors reached from the centre through single readers."""
+        found, current = [], centre.output[0]
+        for _ in range(_REACH):
+            readers = self.readers.get(current, [])
+            if len(readers) != 1 or not self._elementwise(readers[0]):
+                break
+            current = readers[0].output[0]
+            found.append(current)
+        return found
+
+    def _upstream(self, centre: onnx.NodeProto) -> list[str]:
+        """Candidate inputs: the centre's input and the tensors it is computed from, nearest
+        first, through elementwise nodes only."""
+        found: list[str] = []
+        frontier = [centre.input[0]]
+        for _ in range(_REACH):
+            step: list[str] = []
+            for name in frontier:
+                if name in found or name in self.constants:
+                    continue
+                found.append(name)
+                node = self.made.get(name)
+                if node is not None and self._elementwise(node):
+                    step.extend(n for n in node.input if n)
+            frontier = step
+        return found
+
+    def _region(self, x: str, y: str) -> list[onnx.NodeProto] | None:
+        """The nodes computing ``y`` from ``x`` and scalar constants alone, or ``None``."""
+        nodes: dict[str, onnx.NodeProto] = {}
+        stack = [y]
+        while stack:
+            name = stack.pop()
+            if name == x or name in self.constants:
+                continue
+            node = self.made.get(name)
+            if node is None or not self._elementwise(node) or len(nodes) > 4 * _REACH:
+                return None  # reads another tensor, or a non-scalar constant
+            if node_key(node) not in nodes:
+                nodes[node_key(node)] = node
+                stack.extend(n for n in node.input if n)
+        if self.shapes.get(x) is None or self.shapes.get(x) != self.shapes.get(y):
+            return None  # a fused activation keeps its input's shape
+        inside = set(nodes)
+        for node in nodes.values():
+            out = node.output[0]
+            if out != y and (
+                out in self.outputs
+                or any(node_key(r) not in inside for r in self.readers.get(out, []))
+            ):
+                return None  # an intermediate tensor is read elsewhere
+        return sorted(nodes.values(), key=lambda n: self.order[node_key(n)])
+
+    def _identify(
+        self, x: str, region: list[onnx.NodeProto]
+    ) -> tuple[str, dict[str, str], _Op] | None:
+        """The fusable function the region computes on the grid, if any."""
+        values: dict[str, np.ndarray] = {x: _GRID}
+        with np.errstate(all="ignore"):
+            for node in region:
+                operands = [
+                    values[n] if n in values else np.float64(self.constants[n])
+                    for n in node.input
+                    if n
+                ]
+                values[node.output[0]] = np.asarray(_ELEMENTWISE[node.op_type](*operands))
+        result = values[region[-1].output[0]]
+        if result.shape != _GRID.shape or not np.all(np.isfinite(result)):
             return None
-        mul = muls[0]
-        operand = mul.input[1] if mul.input[0] == current else mul.input[0]
-        half = made.get(operand)
-        if operand == x and not have_x:
-            have_x = True
-        elif is_const(operand, 0.5) and not have_half:
-            have_half = True
-        elif (
-            half is not None
-            and half.op_type == "Mul"
-            and x in half.input
-            and any(is_const(n, 0.5) for n in half.input)
-            and only_reader(operand, mul)
-        ):
-            have_x = have_half = True
-            nodes.append(half)
-        else:
-            return None
-        nodes.append(mul)
-        current = mul.output[0]
-        if have_x and have_half:
-            return x, nodes
-    return None
+        best, best_error = None, np.inf
+        for kind in _FUSED:
+            target = kind[2](_GRID)
+            error = float(np.abs(result - target).max()) / max(1.0, float(np.abs(target).max()))
+            if error < best_error:
+                best, best_error = kind, error
+        return best if best_error <= _MATCH_TOLERANCE else None

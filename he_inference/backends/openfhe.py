@@ -24,6 +24,16 @@ Measured chains (bits, Q then P): N=8192 ``(60,40,40,60)`` -> ``(55,40,41 | 60)`
 step 2; N=16384 ``(60,40x6,60)`` -> ``(60,40,41,40,41,40,41 | 60,60)`` = 420 with 4 digits
 by step 1; N=16384 ``(60,40x7,60)`` -> ``(55,41,40,41,40,41,40,41 | 60)`` = 395 by step 2.
 
+Parameters with ``noise_flooding`` make a NOISE_FLOODING_DECRYPT context in EXEC_EVALUATION
+mode: decryption adds a discrete Gaussian of standard deviation ``sqrt(12) * 2^15 * 2^e``
+(OpenFHE 1.6's fixed statistical security 30 and one query) for the published noise estimate
+``e``, which hides the ciphertext's own, key-dependent noise. The mode and the estimate are
+part of the crypto parameters, so the client's and the server's contexts are both built from
+the manifest's parameters or a result does not load. ``noise_estimation=True`` makes the
+EXEC_NOISE_ESTIMATION context in which the compiler measures ``e`` (:meth:`noise_bits`). Under
+flooding OpenFHE's 64-bit build fixes the scale at 2^59 and the first prime at 60 bits, which
+the parameters must already say (``params.select_flooding_parameters``).
+
 OpenFHE keeps evaluation keys in process-global maps keyed by the secret key's tag (a random
 128-bit hex id), and ``GenCryptoContext`` returns one shared context for equal parameters.
 Two backends in one process (client and server in a test) therefore share one C++ context
@@ -73,7 +83,11 @@ from he_inference.errors import (
     MalformedPayloadError,
     ParameterMismatchError,
 )
-from he_inference.params import CkksParameters
+from he_inference.params import (
+    FLOODING_FIRST_PRIME_BITS,
+    FLOODING_SCALE_BITS,
+    CkksParameters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,11 +136,41 @@ def _default_threads() -> int:
     return threads
 
 
-def _build_context(params: CkksParameters) -> tuple[Any, str]:
+def _decryption_mode(ccp: Any, params: CkksParameters, estimation: bool) -> str:
+    """Set the decryption noise and execution modes on ``ccp``; return a description.
+
+    Raises:
+        ConfigurationError: a flooding mode is asked for off OpenFHE's flooding chain.
+    """
+    flooding = params.noise_flooding
+    if flooding is None and not estimation:
+        return "plain decryption"
+    if (params.scale_bits, params.first_prime_bits) != (
+        FLOODING_SCALE_BITS,
+        FLOODING_FIRST_PRIME_BITS,
+    ):
+        # OpenFHE would evaluate at 2^59 anyway, and an estimate measured at another scale
+        # would not be the flooding context's noise.
+        raise ConfigurationError(
+            f"noise flooding needs scale 2^{FLOODING_SCALE_BITS} and a "
+            f"{FLOODING_FIRST_PRIME_BITS}-bit first prime, not 2^{params.scale_bits} and "
+            f"{params.first_prime_bits} bits: choose params.select_flooding_parameters"
+        )
+    ccp.SetDecryptionNoiseMode(openfhe.NOISE_FLOODING_DECRYPT)
+    if estimation or flooding is None:  # the second only when estimating (returned above)
+        ccp.SetExecutionMode(openfhe.EXEC_NOISE_ESTIMATION)
+        return "noise estimation"
+    ccp.SetExecutionMode(openfhe.EXEC_EVALUATION)
+    ccp.SetNoiseEstimate(flooding.estimate_bits)
+    return f"noise-flooding decryption (2^{flooding.flooding_bits:.1f})"
+
+
+def _build_context(params: CkksParameters, estimation: bool = False) -> tuple[Any, str]:
     """The crypto context for ``params`` and a description of the key switching chosen.
 
     Raises:
-        ConfigurationError: the security level has no OpenFHE equivalent.
+        ConfigurationError: the security level has no OpenFHE equivalent, or a flooding
+            mode is asked for off the flooding chain.
         InsecureParametersError: OpenFHE accepts no key-switching setting at this ring degree.
     """
     if params.security_level not in _SECURITY:
@@ -137,11 +181,13 @@ def _build_context(params: CkksParameters) -> tuple[Any, str]:
         (f"HYBRID with {dnum} digits", openfhe.HYBRID, dnum, first)
         for dnum in range(1, primes + 1)
     ]
-    # Keep at least ten integer bits above the scale when shortening the first prime.
-    candidates += [
-        (f"HYBRID with {primes} digits, first prime {bits} bits", openfhe.HYBRID, primes, bits)
-        for bits in range(min(first - 1, _HYBRID_MAX_DIGIT_BITS), params.scale_bits + 9, -1)
-    ]
+    # Keep at least ten integer bits above the scale when shortening the first prime. Under
+    # flooding OpenFHE fixes the first prime at 60 bits, so shortening it is no way out.
+    if params.noise_flooding is None and not estimation:
+        candidates += [
+            (f"HYBRID with {primes} digits, first prime {bits} bits", openfhe.HYBRID, primes, bits)
+            for bits in range(min(first - 1, _HYBRID_MAX_DIGIT_BITS), params.scale_bits + 9, -1)
+        ]
     candidates.append((f"BV with {_BV_DIGIT_BITS}-bit digits", openfhe.BV, 0, first))
 
     for description, technique, digits, first_bits in candidates:
@@ -158,6 +204,7 @@ def _build_context(params: CkksParameters) -> tuple[Any, str]:
             ccp.SetNumLargeDigits(digits)
         else:
             ccp.SetDigitSize(_BV_DIGIT_BITS)
+        mode = _decryption_mode(ccp, params, estimation)
         try:
             context = openfhe.GenCryptoContext(ccp)
         except RuntimeError:
@@ -167,11 +214,12 @@ def _build_context(params: CkksParameters) -> tuple[Any, str]:
         level = logging.WARNING if technique == openfhe.BV or first_bits != first else logging.INFO
         logger.log(
             level,
-            "OpenFHE N=%d depth=%d scale=2^%d: key switching %s",
+            "OpenFHE N=%d depth=%d scale=2^%d: key switching %s, %s",
             params.poly_modulus_degree,
             params.depth,
             params.scale_bits,
             description,
+            mode,
         )
         return context, description
     raise InsecureParametersError(
@@ -194,20 +242,34 @@ class OpenFheBackend(Backend):
     supports_hoisting = True
     supports_chebyshev = True
 
-    def __init__(self, params: CkksParameters, threads: int | None = None) -> None:
+    def __init__(
+        self, params: CkksParameters, threads: int | None = None, noise_estimation: bool = False
+    ) -> None:
+        """A context for ``params``.
+
+        Args:
+            params: the CKKS parameters; with ``noise_flooding`` set, decryption floods.
+            threads: OpenMP threads per calling thread (``HE_INFERENCE_OPENFHE_THREADS``).
+            noise_estimation: make OpenFHE's EXEC_NOISE_ESTIMATION context instead, in which
+                :meth:`noise_bits` measures a result's noise (for the compiler, with a
+                throwaway key: its ciphertexts load into no other context).
+        """
         super().__init__(params)
         self.threads = _default_threads() if threads is None else threads
         if self.threads < 1:
             raise ConfigurationError(f"OpenFHE threads must be at least 1, not {self.threads}")
         self._local = threading.local()
         self._apply_threads()
-        self._cc, self.key_switching = _build_context(params)
+        self.noise_estimation = noise_estimation
+        self._cc, self.key_switching = _build_context(params, noise_estimation)
         self._secret_key: Any = None
         self._public_key: Any = None
         self._tag: str | None = None
         self._relin = False
         self._steps: set[int] = set()
-        self._reference_id = f"{params.fingerprint()}/{self.key_switching}"
+        # The estimation context has the parameters' fingerprint but other crypto parameters.
+        mode = "/estimation" if noise_estimation else ""
+        self._reference_id = f"{params.fingerprint()}/{self.key_switching}{mode}"
         self._step_of_index: dict[int, int] | None = None
 
     def _apply_threads(self) -> None:
@@ -464,20 +526,18 @@ class OpenFheBackend(Backend):
         return self._cc.Encrypt(key, self.encode(values, 0))
 
     def decrypt(self, ct: Any) -> _Array:
-        # Plain decryption, not NOISE_FLOODING_DECRYPT, although a decrypted CKKS result at
-        # full precision lets whoever holds its ciphertext recover the secret key (Li and
-        # Micciancio 2021). Flooding does not fit this protocol (checked on openfhe 1.6.1):
-        # the decryption noise mode is part of the crypto parameters, so a flooding client
-        # context and the server's evaluation context differ and a result ciphertext does
-        # not load into the client's (ParameterMismatchError); and the noise estimate that
-        # EXEC_EVALUATION needs comes from first running the circuit, weights included, in
-        # EXEC_NOISE_ESTIMATION mode, which only the server can. Doing both would mean the
-        # server publishing a per-circuit estimate in the manifest and both sides building
-        # flooding contexts from it. The client therefore never sends a decrypted value
-        # anywhere (tests/client/test_decrypt_protection.py), and the README says what a
-        # user must not share back.
+        # A decrypted CKKS result at full precision lets whoever holds its ciphertext recover
+        # the secret key (Li and Micciancio 2021). With params.noise_flooding this context is
+        # NOISE_FLOODING_DECRYPT, and Decrypt adds the flooding noise sized from the estimate
+        # the compiler measured and the manifest publishes (see the module docstring). Without
+        # it (circuits compiled with flooding off, or before it existed) decryption adds only
+        # OpenFHE's fixed decoding noise, about as large as the ciphertext's own noise, and
+        # the README says what a user must not share back.
         if self._secret_key is None:
             raise KeyError_("this context holds no secret key and cannot decrypt")
+        return np.asarray(self._decrypt(ct).GetRealPackedValue(), dtype=np.float64)
+
+    def _decrypt(self, ct: Any) -> Any:
         self._apply_threads()
         try:
             plaintext = self._cc.Decrypt(self._secret_key, ct)
@@ -485,7 +545,27 @@ class OpenFheBackend(Backend):
             # OpenFHE refuses to decode when the noise has swamped the scale.
             raise CircuitError(f"decryption failed, the result is all noise: {exc}") from exc
         plaintext.SetLength(self.params.slots)
-        return np.asarray(plaintext.GetRealPackedValue(), dtype=np.float64)
+        return plaintext
+
+    def noise_bits(self, ct: Any) -> float:
+        """log2 of the standard deviation of ``ct``'s noise, in units of the scaled plaintext.
+
+        OpenFHE measures it on the imaginary parts of the decoded slots, which a real-valued
+        computation leaves holding noise only (Costache et al., ePrint 2022/162, argue that
+        this tracks the real parts' noise). It is the estimate a flooding context needs.
+
+        Raises:
+            ConfigurationError: this is not a noise-estimation context.
+            KeyError_: this context holds no secret key.
+        """
+        if not self.noise_estimation:
+            raise ConfigurationError(
+                "noise is measured in a noise-estimation context: make the backend with "
+                "noise_estimation=True"
+            )
+        if self._secret_key is None:
+            raise KeyError_("this context holds no secret key and cannot decrypt")
+        return float(self._decrypt(ct).GetLogError())
 
     def level(self, ct: Any) -> int:
         # Under FIXEDMANUAL GetLevel is the number of rescales (and level drops) so far.

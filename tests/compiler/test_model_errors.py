@@ -121,15 +121,16 @@ def test_softmax_in_the_middle_is_refused() -> None:
         compile_model(model)
 
 
-def test_per_channel_prelu_is_refused_with_the_alternative() -> None:
-    slope = numpy_helper.from_array(np.full((3, 1, 1), 0.1, np.float32), "slope")
+def test_prelu_with_an_encrypted_slope_is_refused() -> None:
     model = _model(
-        [helper.make_node("PRelu", ["x", "slope"], ["y"])],
+        [
+            helper.make_node("Neg", ["x"], ["slope"]),
+            helper.make_node("PRelu", ["x", "slope"], ["y"], name="prelu1"),
+        ],
         [_float("x", [1, 3, 2, 2])],
         [_float("y", [1, 3, 2, 2])],
-        [slope],
     )
-    with pytest.raises(UnsupportedModelError, match="per-channel slope"):
+    with pytest.raises(UnsupportedModelError, match=r"'prelu1' \(PRelu\).*must be constants"):
         compile_model(model, input_range=(-1, 1))
 
 

@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from numpy.polynomial import Chebyshev
 from onnx import numpy_helper
 
 from compiler import compile_model
 from compiler.ops import ACTIVATION_OPS, SUPPORTED_OPS
-from he_inference.circuit import Circuit, LinearNode, PolynomialNode
 from he_inference.errors import ConfigurationError, UnsupportedModelError
+from tests.compiler.bounds import output_error_bound
 
 NODE_TESTS = Path(onnx.__file__).parent / "backend" / "test" / "data" / "node"
 
@@ -52,7 +51,6 @@ OUT_OF_SCOPE = {
     "test_batchnorm_epsilon_training_mode": "BatchNormalization in training mode",
     "test_batchnorm_example_training_mode": "BatchNormalization in training mode",
     "test_thresholdedrelu": "a discontinuous activation has no polynomial approximation",
-    "test_prelu_": "per-channel PRelu slopes are refused",
     "test_pow": "Pow with a non-scalar or non-integer exponent",
     "test_reduce_sum_empty_set": "empty tensors",
     "test_reduce_l1_empty_set": "empty tensors",
@@ -95,32 +93,6 @@ def _load(case: Path) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     return model, inputs[0], outputs[0]
 
 
-def _tolerance(circuit: Circuit, x: np.ndarray, expected: np.ndarray) -> float:
-    """A bound on the output error: each polynomial's error, carried through later nodes.
-
-    A linear map scales an error by its largest absolute row sum, a polynomial by its
-    largest slope on its interval and adds its own fit error; a product scales each
-    factor's error by a bound on the other factor.
-    """
-    magnitude = max(1.0, float(np.abs(x).max()), float(np.abs(expected).max()))
-    error: dict[str, float] = {circuit.input_name: 0.0}
-    for node in circuit.nodes:
-        if isinstance(node, LinearNode):
-            rows = np.zeros((node.out_chunks, circuit.input_layout.period))
-            for block in node.blocks:
-                rows[block.out_chunk] += np.abs(block.diagonals).sum(axis=0)
-            error[node.name] = float(rows.max()) * error[node.input]
-        elif isinstance(node, PolynomialNode):
-            series = Chebyshev(node.coefficients, domain=[node.lower, node.upper])
-            slope = float(np.abs(series.deriv()(np.linspace(node.lower, node.upper, 2001))).max())
-            error[node.name] = slope * error[node.input] + node.max_error
-        elif node.op == "add":
-            error[node.name] = error[node.left] + error[node.right]
-        else:
-            error[node.name] = 2 * magnitude * (error[node.left] + error[node.right])
-    return 1.01 * error[circuit.output_name] + 1e-6 * max(1.0, float(np.abs(expected).max()))
-
-
 @pytest.mark.parametrize("name", _cases())
 def test_node_case_matches_the_stored_output(name: str) -> None:
     for prefix, reason in OUT_OF_SCOPE.items():
@@ -142,7 +114,7 @@ def test_node_case_matches_the_stored_output(name: str) -> None:
 
     got = run_plain(circuit, x).reshape(expected.shape)
     error = float(np.abs(got - expected).max())
-    tolerance = _tolerance(circuit, x, expected)
+    tolerance = output_error_bound(circuit, x, expected)
     kind = "activation" if ops & ACTIVATION_OPS else "linear"
     assert error <= tolerance, f"{name}: max error {error:.3g} > {tolerance:.3g} ({kind})"
 
@@ -187,6 +159,6 @@ def test_node_case_on_seal_matches_within_ckks_noise(name: str) -> None:
     # scale the error observed on GlobalAveragePool reached 5e-5 against 2.5e-4 here.)
     magnitude = max(1.0, float(np.abs(expected).max()))
     noise = (circuit.depth + 1) * 2.0 ** -(circuit.params.scale_bits - 18) * magnitude
-    tolerance = _tolerance(circuit, x, expected) + noise
+    tolerance = output_error_bound(circuit, x, expected) + noise
     error = float(np.abs(got - expected).max())
     assert error <= tolerance, f"{name}: max error {error:.3g} > {tolerance:.3g} on SEAL"

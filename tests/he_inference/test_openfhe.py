@@ -5,7 +5,9 @@ The contract itself is covered for every backend by ``test_backends.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import threading
 
 import numpy as np
@@ -19,7 +21,7 @@ from he_inference.errors import (
     LevelExhaustedError,
     ParameterMismatchError,
 )
-from he_inference.params import CkksParameters
+from he_inference.params import CkksParameters, NoiseFlooding, select_flooding_parameters
 from tests.conftest import require_backend
 
 pytestmark = pytest.mark.openfhe
@@ -183,3 +185,83 @@ def test_key_switching_fits_the_same_ring_degree() -> None:
     assert "HYBRID" in client().key_switching  # type: ignore[attr-defined]
     small = make_backend("openfhe", CkksParameters(4096, (40, 30, 39), 30))
     assert small.key_switching.startswith("BV")  # type: ignore[attr-defined]
+
+
+# -- noise-flooding decryption ------------------------------------------------------------
+
+FLOODING_CHAIN = select_flooding_parameters(1, 8)  # N=16384, (60, 59, 59, 60)
+
+
+def _flooding_product(backend: Backend, ct: object) -> object:
+    """A product, a rotation and a plaintext product: two levels of the flooding chain."""
+    square = backend.rescale(backend.multiply(ct, ct))
+    return backend.rescale(
+        backend.multiply_plain(backend.rotate(square, 1), backend.encode(0.5, 1))
+    )
+
+
+@functools.cache
+def flooding_params() -> CkksParameters:
+    """The flooding chain with the noise the product measures in an estimation context."""
+    estimation = make_backend("openfhe", FLOODING_CHAIN, noise_estimation=True)
+    estimation.generate_keys(STEPS)
+    result = _flooding_product(estimation, estimation.encrypt(values(FLOODING_CHAIN)))
+    noise = estimation.noise_bits(result)  # type: ignore[attr-defined]
+    return dataclasses.replace(FLOODING_CHAIN, noise_flooding=NoiseFlooding(noise))
+
+
+def test_flooding_chains_take_hybrid_key_switching() -> None:
+    # select_flooding_parameters leaves room for OpenFHE's two 60-bit P primes, so HYBRID fits
+    # (OpenFHE's own HEStd check) and BV's several times larger keys are never needed.
+    for depth in (1, 3, 4, 10):
+        params = select_flooding_parameters(depth, 8)
+        flooding = dataclasses.replace(params, noise_flooding=NoiseFlooding(8.0))
+        backend = make_backend("openfhe", flooding)
+        assert backend.key_switching.startswith("HYBRID"), (depth, backend.key_switching)  # type: ignore[attr-defined]
+
+
+def test_flooded_decryption_adds_the_published_noise() -> None:
+    params = flooding_params()
+    owner = client(params)
+    server = server_for(owner)
+    x = values(params)
+    result = _flooding_product(
+        server, server.load_ciphertext(owner.serialize_ciphertext(owner.encrypt(x)))
+    )
+    received = owner.load_ciphertext(server.serialize_ciphertext(result))
+    first, second = owner.decrypt(received), owner.decrypt(received)
+
+    flooding = params.noise_flooding
+    assert flooding is not None
+    noise = flooding.slot_noise(params.poly_modulus_degree)
+    # Each decryption draws fresh flooding noise of the predicted size, some 2^17 times the
+    # ciphertext's own noise (plain decryption would repeat up to OpenFHE's decoding noise).
+    spread = float(np.std(first - second)) / math.sqrt(2)
+    assert 0.7 * noise < spread < 1.4 * noise
+    own = 2.0 ** (flooding.noise_bits - params.scale_bits) * math.sqrt(params.poly_modulus_degree)
+    assert spread > 1000 * own
+    expected = 0.5 * np.roll(x * x, -1)
+    assert np.max(np.abs(first - expected)) < 8 * noise
+
+
+def test_flooding_ciphertexts_load_only_into_flooding_contexts() -> None:
+    params = flooding_params()
+    owner = client(params)
+    data = owner.serialize_ciphertext(owner.encrypt(values(params)))
+    plain = make_backend("openfhe", dataclasses.replace(params, noise_flooding=None))
+    with pytest.raises(ParameterMismatchError):
+        plain.load_ciphertext(data)
+    assert params.noise_flooding is not None
+    louder = NoiseFlooding(params.noise_flooding.noise_bits + 1)
+    other = dataclasses.replace(params, noise_flooding=louder)
+    with pytest.raises(ParameterMismatchError):
+        make_backend("openfhe", other).load_ciphertext(data)
+
+
+def test_noise_is_measured_only_in_an_estimation_context() -> None:
+    owner = client()
+    with pytest.raises(ConfigurationError, match="noise_estimation=True"):
+        owner.noise_bits(owner.encrypt(values(PARAMS)))  # type: ignore[attr-defined]
+    # Off the flooding chain the estimate would be at the wrong scale.
+    with pytest.raises(ConfigurationError, match="2\\^59"):
+        make_backend("openfhe", PARAMS, noise_estimation=True)

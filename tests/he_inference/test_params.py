@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from he_inference.errors import ConfigurationError, InsecureParametersError
@@ -9,8 +10,10 @@ from he_inference.params import (
     MAX_MODULUS_BITS,
     SECURITY_LEVELS,
     CkksParameters,
+    NoiseFlooding,
     chain_bits,
     max_modulus_bits,
+    select_flooding_parameters,
     select_parameters,
 )
 
@@ -233,3 +236,61 @@ def test_from_dict_validates_again() -> None:
         CkksParameters.from_dict({**data, "coeff_modulus_bits": "60,40,60"})
     with pytest.raises(ConfigurationError):
         CkksParameters.from_dict({**data, "scale_bits": "forty"})
+
+
+# -- noise-flooding decryption ---------------------------------------------------------------
+
+
+def test_flooding_parameters_round_trip_and_change_the_fingerprint() -> None:
+    plain = select_flooding_parameters(3, 512)
+    flooded = CkksParameters(
+        plain.poly_modulus_degree,
+        plain.coeff_modulus_bits,
+        plain.scale_bits,
+        noise_flooding=NoiseFlooding(7.25, 40, 16),
+    )
+    data = flooded.to_dict()
+    assert data["noise_flooding"] == {
+        "noise_bits": 7.25,
+        "statistical_security": 40,
+        "adversarial_queries": 16,
+    }
+    assert CkksParameters.from_dict(data) == flooded
+    assert flooded.fingerprint() != plain.fingerprint()
+    # Without flooding the field is absent (older manifests and fingerprints are unchanged).
+    assert "noise_flooding" not in plain.to_dict()
+    assert CkksParameters.from_dict(plain.to_dict()).noise_flooding is None
+
+
+def test_flooding_chain_is_scale_59_with_one_spare_level() -> None:
+    # 60 + 59 * (d + 1) + 60, plus a second 60-bit P prime, under 438 bits at N=16384.
+    params = select_flooding_parameters(3, 512)
+    assert params.coeff_modulus_bits == (60, 59, 59, 59, 59, 60)
+    assert (params.poly_modulus_degree, params.scale_bits, params.depth) == (16384, 59, 4)
+    assert select_flooding_parameters(4, 512).poly_modulus_degree == 32768  # 475 > 438
+    with pytest.raises(InsecureParametersError, match="without noise flooding"):
+        select_flooding_parameters(13, 512)
+
+
+def test_flooding_security_and_queries_go_into_the_estimate() -> None:
+    # sigma = sqrt(12 * queries) * 2^(security / 2) * 2^noise; OpenFHE adds the 2^15 * sqrt(12)
+    # of security 30 and one query itself.
+    flooding = NoiseFlooding(10.0, 40, 16)
+    assert flooding.estimate_bits == pytest.approx(10 + 5 + 2)
+    assert flooding.flooding_bits == pytest.approx(20 + np.log2(np.sqrt(12 * 16)) + 10)
+    assert NoiseFlooding(10.0).flooding_bits == pytest.approx(15 + np.log2(np.sqrt(12)) + 10)
+
+
+def test_flooding_settings_out_of_range_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="exceeds OpenFHE"):
+        NoiseFlooding(40.0)  # 2^56.8 of flooding
+    with pytest.raises(ConfigurationError, match="at least 30"):
+        NoiseFlooding(5.0, statistical_security=20)
+    with pytest.raises(ConfigurationError, match="at least 30"):
+        NoiseFlooding(5.0, adversarial_queries=0)
+    with pytest.raises(ConfigurationError, match="select_flooding_parameters"):
+        CkksParameters(16384, (60, 40, 40, 60), 40, noise_flooding=NoiseFlooding(5.0))
+    with pytest.raises(ConfigurationError):
+        CkksParameters.from_dict(
+            {**select_flooding_parameters(1, 8).to_dict(), "noise_flooding": {"noise_bits": 1}}
+        )
