@@ -73,7 +73,9 @@ def activation(op_type: str, **attrs: float) -> Activation:
     if op_type == "Erf":
         return _erf
     if op_type in ("SiLU", "Swish"):
-        return lambda x: x * _sigmoid(x)
+        # alpha: x * sigmoid(alpha x); 1.702 is the sigmoid form of GELU ("QuickGELU").
+        a = 1.0 if alpha is None else alpha
+        return lambda x: x * _sigmoid(a * x)
     if op_type == "HardSwish":
         return lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0)
     if op_type == "Clip":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -629,19 +630,50 @@ def _latency_estimate(circuit: Any, nodes: list[dict[str, Any]]) -> dict[str, An
 
 
 def _estimated_sizes(circuit: Any) -> dict[str, Any]:
-    # A key-switching key holds one seeded ciphertext-sized pair per data prime: L digits of
-    # N coefficients over the L data primes and the special prime. Seeding halves each pair;
-    # serialisation stores each residue in about its prime's bits.
     params = circuit.params
     n, bits = params.poly_modulus_degree, params.coeff_modulus_bits
+    keys = len({s % params.slots for s in circuit.rotation_steps} - {0}) + 1  # + relin_keys
+    if circuit.metadata.get("backend") == "openfhe":
+        return _estimated_openfhe_sizes(circuit, keys)
+    # SEAL: a key-switching key holds one seeded ciphertext-sized pair per data prime: L
+    # digits of N coefficients over the L data primes and the special prime. Seeding halves
+    # each pair; serialisation stores each residue in about its prime's bits.
     data_primes = len(bits) - 1
     key_bytes = data_primes * n * sum(bits) / 8
-    keys = len({s % params.slots for s in circuit.rotation_steps} - {0}) + 1  # + relin_keys
     query = circuit.input_layout.chunks * n * sum(bits[:-1]) / 8  # seeded: one polynomial
     last = bits[: max(1, data_primes - circuit.depth)]
     result = circuit.output_layout.chunks * 2 * n * sum(last) / 8
     return {
         "how": "estimated from N and the modulus chain",
+        "evaluation_key_bytes": int(keys * key_bytes),
+        "query_bytes": int(query),
+        "result_bytes": int(result),
+    }
+
+
+def _estimated_openfhe_sizes(circuit: Any, keys: int) -> dict[str, Any]:
+    # OpenFHE stores every residue as a 64-bit word and seeds nothing. HYBRID key switching
+    # takes the fewest digits whose 60-bit P primes (covering the largest digit plus a few
+    # bits) keep Q*P within the security bound; a key is then one pair over Q and P per digit.
+    from he_inference.params import max_modulus_bits
+
+    params = circuit.params
+    n, q_bits = params.poly_modulus_degree, list(params.coeff_modulus_bits[:-1])
+    bound = max_modulus_bits(n, params.security_level)
+    digits, p_primes = len(q_bits), 1
+    for dnum in range(1, len(q_bits) + 1):
+        size = math.ceil(len(q_bits) / dnum)
+        largest = max(sum(q_bits[i : i + size]) for i in range(0, len(q_bits), size))
+        p_primes = math.ceil((largest + 4) / 60)
+        if sum(q_bits) + 60 * p_primes <= bound:
+            digits = dnum
+            break
+    word = 8
+    key_bytes = digits * 2 * n * (len(q_bits) + p_primes) * word
+    query = circuit.input_layout.chunks * 2 * n * len(q_bits) * word
+    result = circuit.output_layout.chunks * 2 * n * max(1, len(q_bits) - circuit.depth) * word
+    return {
+        "how": f"estimated from N and the modulus chain (OpenFHE, HYBRID with {digits} digits)",
         "evaluation_key_bytes": int(keys * key_bytes),
         "query_bytes": int(query),
         "result_bytes": int(result),
@@ -660,9 +692,9 @@ def _measured_sizes(circuit: Any, backend_name: str) -> dict[str, Any]:
     cts = encrypt_input(circuit, backend, zeros)
     query = wire.encode_ciphertexts(backend, cts)
     # A result is a full (unseeded) ciphertext at the circuit's last level.
-    last = backend.drop_to_level(
-        backend.multiply_plain(cts[0], backend.encode(1.0)), circuit.depth
-    )
+    last = backend.rescale(backend.multiply_plain(cts[0], backend.encode(1.0)))
+    if circuit.depth > backend.level(last):
+        last = backend.drop_to_level(last, circuit.depth)
     result = wire.encode_ciphertexts(backend, [last] * circuit.output_layout.chunks)
     return {
         "how": f"measured on {backend_name}",

@@ -94,6 +94,24 @@ def test_report_estimates_sizes_and_sums_node_costs() -> None:
 
 
 @needs_compiler
+def test_estimated_sizes_are_close_to_measured_ones(real_backend_name: str) -> None:
+    from compiler import compile_model
+
+    backend = real_backend_name
+
+    calibration = np.load(ZOO / "digits.npz")["x_calib"][:64]
+    options = {"noise_flooding": False} if backend == "openfhe" else {}
+    circuit = compile_model(
+        ZOO / "digits_cnn_square.onnx", calibration, backend=backend, **options
+    )
+    estimated = circuit_report(circuit)["sizes"]
+    measured = circuit_report(circuit, backend)["sizes"]
+    for kind in ("evaluation_key_bytes", "query_bytes", "result_bytes"):
+        ratio = estimated[kind] / measured[kind]
+        assert 0.7 < ratio < 1.3, (kind, estimated[kind], measured[kind])
+
+
+@needs_compiler
 def test_compile_writes_a_loadable_circuit_and_a_json_report(tmp_path: Path) -> None:
     out = tmp_path / "digits.hec"
     result = runner.invoke(

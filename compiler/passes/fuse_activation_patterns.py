@@ -2,7 +2,8 @@
 
 SiLU (``x * Sigmoid(x)``), exact GELU (``0.5 * x * (1 + Erf(x / sqrt 2))``), GELU's tanh
 form (``0.5 * x * (1 + Tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))``, which torch's
-``approximate='tanh'`` exports as separate ops below opset 20) and Mish
+``approximate='tanh'`` exports as separate ops below opset 20), GELU's sigmoid form
+(``x * Sigmoid(1.702 x)``, "QuickGELU", fused as a SiLU with ``alpha``) and Mish
 (``x * Tanh(Softplus(x))``, separate ops below opset 18). Left as exported, each is
 products of encrypted values around another activation: a polynomial, one to three
 ciphertext multiplications (a level each), and a polynomial fitted to Erf or Tanh on a
@@ -58,11 +59,12 @@ _ELEMENTWISE: dict[str, _Op] = {
 _CENTRES = frozenset({"Sigmoid", "Erf", "Tanh"})
 
 #: What a region may fuse into: (op_type, attributes of the fused node, the function).
-_FUSED: list[tuple[str, dict[str, str], _Op]] = [
+_FUSED: list[tuple[str, dict[str, str | float], _Op]] = [
     ("SiLU", {}, activation("SiLU")),
     ("Gelu", {}, activation("Gelu")),
     ("Gelu", {"approximate": "tanh"}, activation("Gelu", approximate_tanh=1.0)),
     ("Mish", {}, lambda x: x * np.tanh(np.logaddexp(0.0, x))),
+    ("SiLU", {"alpha": 1.702}, activation("SiLU", alpha=1.702)),
 ]
 
 #: Where a region is compared with each function; wide enough that GELU's two forms, which
@@ -97,14 +99,11 @@ def fuse_activation_patterns(imported: ImportedModel) -> int:
         x, region, (op_type, attrs, _) = match
         last = region[-1]
         removed.update(node_key(n) for n in region)
-        replacements[node_key(last)] = helper.make_node(
-            op_type,
-            [x],
-            [last.output[0]],
-            name=last.name or node.name,
-            domain=FUSED_DOMAIN,
-            **attrs,
+        fused = helper.make_node(
+            op_type, [x], [last.output[0]], name=last.name or node.name, domain=FUSED_DOMAIN
         )
+        fused.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+        replacements[node_key(last)] = fused
         count += 1
         logger.debug(
             "fused %d nodes around %s into %s%s", len(region), describe(node), op_type, attrs
@@ -143,7 +142,7 @@ class _Context:
 
     def match(
         self, centre: onnx.NodeProto, removed: set[str]
-    ) -> tuple[str, list[onnx.NodeProto], tuple[str, dict[str, str], _Op]] | None:
+    ) -> tuple[str, list[onnx.NodeProto], tuple[str, dict[str, str | float], _Op]] | None:
         """``(x, region in graph order, fused kind)`` of the nearest region that fuses."""
         for y in self._downstream(centre):
             for x in self._upstream(centre):
@@ -214,7 +213,7 @@ class _Context:
 
     def _identify(
         self, x: str, region: list[onnx.NodeProto]
-    ) -> tuple[str, dict[str, str], _Op] | None:
+    ) -> tuple[str, dict[str, str | float], _Op] | None:
         """The fusable function the region computes on the grid, if any."""
         values: dict[str, np.ndarray] = {x: _GRID}
         with np.errstate(all="ignore"):

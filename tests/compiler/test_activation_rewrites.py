@@ -218,3 +218,16 @@ def test_mish_as_softplus_tanh_and_mul_fuses() -> None:
     circuit = _check_plain(model, (1, 5), -2.0, 2.0)
     assert [n.kind for n in circuit.nodes] == ["linear", "polynomial"]
     assert circuit.nodes[1].function == "Mish"  # type: ignore[union-attr]
+
+
+def test_sigmoid_form_of_gelu_fuses_into_a_scaled_silu() -> None:
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Mul", ["h", "a"], ["ah"]),
+        helper.make_node("Sigmoid", ["ah"], ["s"]),
+        helper.make_node("Mul", ["h", "s"], ["y"]),
+    ]
+    model = make_model(nodes, (1, 5), [weights("w", (5, 5), 5), constant("a", np.array(1.702))])
+    circuit = _check_plain(model, (1, 5), -2.0, 2.0)
+    assert [n.kind for n in circuit.nodes] == ["linear", "polynomial"]
+    assert circuit.nodes[1].function.startswith("SiLU")  # type: ignore[union-attr]
