@@ -10,9 +10,8 @@ and costs nothing.
 
 Levels: a linear map consumes one, a polynomial ``chebyshev_depth(degree)`` (that is
 ``ceil(log2(d + 1))``) plus one when its interval is not ``[-1, 1]``, a product one, an
-addition none. The interval's affine map is
-folded into the preceding linear map when that map feeds only the activation, which saves
-the extra level. The other way round, a segment that only scales and shifts a polynomial's
+addition none. The interval's affine map is folded into the preceding linear map when
+that map feeds only the activation, which saves the extra level. The other way round, a segment that only scales and shifts a polynomial's
 output by scalars (the Neg of a Sub, say) and is its only reader folds into the
 polynomial's coefficients instead of becoming a linear node, which saves its level too.
 
@@ -20,6 +19,9 @@ A join of values from different roots is a ``BinaryNode`` add of two segment out
 shape: ``rewrite_encrypted_joins`` first turns Sub, Concat, Sum, Mean and broadcasting Adds
 of several roots into such Adds of linear maps (Neg, Pad, Expand in each operand's
 segment), and ``expand_prelu`` a per-channel PRelu into a Relu, linear maps and one Add.
+A linear map right after such an add is then composed into the operands' own maps
+(:func:`_distribute_over_joins`), so a Concat or residual sum followed by a Conv or Gemm
+costs one level, not two.
 """
 
 from __future__ import annotations
@@ -243,6 +245,7 @@ def lower(
         if spec["kind"] == "polynomial":
             polynomial_specs[node.output[0]] = spec
 
+    _distribute_over_joins(specs, value[output])
     return _assemble(
         imported,
         specs,
@@ -298,6 +301,97 @@ def _is_identity(matrix: sparse.csr_matrix, bias: np.ndarray) -> bool:
         return False
     coo = matrix.tocoo()
     return bool(np.all(coo.row == coo.col) and np.all(coo.data == 1.0))
+
+
+def _distribute_over_joins(specs: list[dict[str, Any]], output: str) -> None:
+    """Move a linear map after an encrypted addition into the addition's linear branches.
+
+    ``M (L1 a + L2 b) = (M L1) a + (M L2) b``: the map after a join (a Concat of two
+    branches followed by a Conv, or a residual sum followed by BatchNormalization and a
+    Gemm) composes with each branch's own map, so the join costs one level instead of two,
+    and two maps run instead of three. A branch without its own map gets ``M`` alone.
+    Applied only where each value involved has that one reader, and where every row of
+    each composed map keeps a weight (the evaluator cannot make an all-zero ciphertext).
+    Repeats until nothing changes, so chains of joins collapse too.
+    """
+    changed = True
+    while changed:
+        changed = False
+        readers: dict[str, int] = {output: 1}
+        for spec in specs:
+            for name in _spec_inputs(spec):
+                readers[name] = readers.get(name, 0) + 1
+        by_name = {spec["name"]: spec for spec in specs}
+        for after in specs:
+            join = by_name.get(after.get("input", ""))
+            if (
+                after["kind"] != "linear"
+                or join is None
+                or join["kind"] != "binary"
+                or join["op"] != "add"
+                or join["name"] == output
+                or readers.get(join["name"]) != 1
+                or join["left"] == join["right"]
+            ):
+                continue
+            branches = [by_name.get(join["left"]), by_name.get(join["right"])]
+            linear = [
+                b is not None
+                and b["kind"] == "linear"
+                and b["name"] != output
+                and readers.get(b["name"]) == 1
+                for b in branches
+            ]
+            if not any(linear):
+                continue
+            composed: list[tuple[Any, np.ndarray, str, dict[str, Any] | None]] = []
+            for index, (branch, is_linear) in enumerate(zip(branches, linear, strict=True)):
+                source = join["left"] if index == 0 else join["right"]
+                if is_linear:
+                    assert branch is not None
+                    matrix = (after["matrix"] @ branch["matrix"]).tocsr()
+                    bias = after["matrix"] @ branch["bias"]
+                    composed.append((matrix, bias, branch["input"], branch))
+                else:
+                    composed.append(
+                        (after["matrix"], np.zeros(after["matrix"].shape[0]), source, None)
+                    )
+            if any(np.any(np.diff(m.indptr) == 0) for m, _, _, _ in composed):
+                continue
+            composed[0] = (composed[0][0], composed[0][1] + after["bias"], *composed[0][2:])
+            names = []
+            for index, (matrix, bias, source, branch) in enumerate(composed):
+                if branch is None:
+                    branch = {
+                        "kind": "linear",
+                        "name": f"{after['name']}:{index}",
+                        "input": source,
+                        "sources": [],
+                    }
+                    specs.insert(specs.index(join), branch)
+                branch.update(
+                    matrix=matrix,
+                    bias=bias,
+                    shape=after["shape"],
+                    sources=[*branch["sources"], *after["sources"]],
+                )
+                names.append(branch["name"])
+            specs.remove(join)
+            join.update(
+                name=after["name"],
+                left=names[0],
+                right=names[1],
+                shape=after["shape"],
+                sources=[*join["sources"], *after["sources"]],
+            )
+            specs[specs.index(after)] = join
+            logger.debug("linear map %s moved into the branches of its join", after["name"])
+            changed = True
+            break
+
+
+def _spec_inputs(spec: dict[str, Any]) -> list[str]:
+    return [spec["left"], spec["right"]] if spec["kind"] == "binary" else [spec["input"]]
 
 
 def _scalar_affine(matrix: sparse.csr_matrix, bias: np.ndarray) -> tuple[float, float] | None:

@@ -167,3 +167,49 @@ def test_sub_and_concat_of_branches_on_seal() -> None:
     noise = (circuit.depth + 1) * 2.0 ** -(circuit.params.scale_bits - 22)
     assert np.abs(got - run_plain(circuit, x).reshape(expected.shape)).max() <= noise
     assert np.abs(got - expected).max() <= output_error_bound(circuit, x, expected) + noise
+
+
+def _concat_then_gemm() -> onnx.ModelProto:
+    """Tanh and Sigmoid branches concatenated, then one Gemm over both."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Tanh", ["h"], ["a"]),
+        helper.make_node("Sigmoid", ["h"], ["b"]),
+        helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+        helper.make_node("Gemm", ["c", "w2", "b2"], ["y"]),
+    ]
+    initializers = [
+        weights("w", (4, 4), seed=4),
+        weights("w2", (8, 3), seed=5),
+        weights("b2", (3,), seed=6),
+    ]
+    return make_model(nodes, (1, 4), initializers)
+
+
+def test_a_linear_map_after_a_join_moves_into_its_branches() -> None:
+    circuit = _check_plain(_concat_then_gemm(), (1, 4), degree=7)
+    kinds = [n.kind for n in circuit.nodes]
+    # MatMul, two polynomials, the Gemm composed with each branch's zero padding, one add.
+    assert kinds.count("linear") == 3 and kinds.count("binary") == 1
+    polynomial_out = max(n.level_out for n in circuit.nodes if isinstance(n, PolynomialNode))
+    assert circuit.depth == polynomial_out + 1  # the padding and the Gemm cost one level
+    assert isinstance(circuit.nodes[-1], BinaryNode)
+    assert circuit.output_name == circuit.nodes[-1].name
+
+
+def test_a_residual_branch_map_composes_with_the_map_after_the_sum() -> None:
+    # y = Gemm(Tanh(h) + MatMul(Sigmoid(h))): the branch's MatMul and the Gemm become one map.
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Tanh", ["h"], ["a"]),
+        helper.make_node("Sigmoid", ["h"], ["s"]),
+        helper.make_node("MatMul", ["s", "w3"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["r"]),
+        helper.make_node("Gemm", ["r", "w2"], ["y"]),
+    ]
+    initializers = [weights(n, (4, 4), seed=i) for i, n in enumerate(("w", "w3", "w2"), 7)]
+    model = make_model(nodes, (1, 4), initializers)
+    circuit = _check_plain(model, (1, 4), degree=7)
+    polynomial_out = max(n.level_out for n in circuit.nodes if isinstance(n, PolynomialNode))
+    assert circuit.depth == polynomial_out + 1
+    assert [n.kind for n in circuit.nodes].count("linear") == 3
