@@ -11,9 +11,10 @@ and costs nothing.
 Levels: a linear map consumes one, a polynomial ``chebyshev_depth(degree)`` (that is
 ``ceil(log2(d + 1))``) plus one when its interval is not ``[-1, 1]``, a product one, an
 addition none. The interval's affine map is folded into the preceding linear map when
-that map feeds only the activation, which saves the extra level. The other way round, a segment that only scales and shifts a polynomial's
-output by scalars (the Neg of a Sub, say) and is its only reader folds into the
-polynomial's coefficients instead of becoming a linear node, which saves its level too.
+that map feeds only the activation, which saves the extra level. The other way round, a
+segment that only scales and shifts a polynomial's output by scalars (the Neg of a Sub,
+say) and is its only reader folds into the polynomial's coefficients instead of becoming
+a linear node, which saves its level too.
 
 A join of values from different roots is a ``BinaryNode`` add of two segment outputs of one
 shape: ``rewrite_encrypted_joins`` first turns Sub, Concat, Sum, Mean and broadcasting Adds

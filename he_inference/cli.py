@@ -3,7 +3,8 @@
 The compiler, the server and the client are imported inside the commands that use them,
 so ``he-infer --help`` stays fast and a machine with only the client installed can run the
 client commands. Errors of the library print their message and exit with status 1; a
-traceback is shown only with ``--debug``.
+traceback is shown only with ``--debug``. The commands parse options and print; the compile
+report is built in :mod:`he_inference.report` and the demo runs in :mod:`he_inference.demo`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +22,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from he_inference.demo import run_demo
 from he_inference.errors import ConfigurationError, HEInferenceError, InputError
+from he_inference.report import circuit_report, format_mb, print_report
 
 logger = logging.getLogger(__name__)
 
@@ -175,56 +177,7 @@ def compile_command(
     if report == "json":
         console.print_json(json.dumps(summary))
     else:
-        _print_report(summary)
-
-
-def _print_report(summary: dict[str, Any]) -> None:
-    table = Table(title=f"circuit {summary['name']}")
-    numeric = ("rot", "pt mul", "ct mul", "est. ms")
-    for column in ("node", "kind", "ONNX sources", "level", *numeric):
-        table.add_column(column, justify="right" if column in numeric else "left")
-    for node in summary["nodes"]:
-        table.add_row(
-            node["name"],
-            node["kind"],
-            ", ".join(node["sources"]),
-            f"{node['level_in']}->{node['level_out']}",
-            str(node["rotations"]),
-            str(node["plain_multiplications"]),
-            str(node["multiplications"]),
-            f"{node['estimated_s'] * 1e3:.0f}" if "estimated_s" in node else "-",
-        )
-    console.print(table)
-    for node in summary["nodes"]:
-        if node["kind"] == "polynomial":
-            low, high = node["range"]
-            console.print(
-                f"{node['name']}: {node['function']} as degree {node['degree']} on "
-                f"[{low:.4g}, {high:.4g}], max error {node['max_error']:.3g}"
-            )
-    totals = summary["totals"]
-    sizes = summary["sizes"]
-    console.print(
-        f"depth {totals['depth']}, N={totals['poly_modulus_degree']}, modulus chain "
-        f"{totals['coeff_modulus_bits']} ({sum(totals['coeff_modulus_bits'])} bits, "
-        f"{totals['security_level']}-bit security), {totals['rotation_steps']} rotation steps, "
-        f"{totals['rotations']} rotations, {totals['plain_multiplications']} plaintext and "
-        f"{totals['multiplications']} ciphertext multiplications"
-    )
-    console.print(
-        f"evaluation keys {_mb(sizes['evaluation_key_bytes'])}, query "
-        f"{_mb(sizes['query_bytes'])}, result {_mb(sizes['result_bytes'])} "
-        f"({sizes['how']})"
-    )
-    latency = summary["latency"]
-    if latency["available"]:
-        console.print(
-            f"estimated latency {latency['estimated_s']:.2f} s per evaluation on "
-            f"{latency['backend']}, one core (from {latency['table']})"
-        )
-    else:
-        console.print(f"no latency estimate: {latency['reason']}")
-    console.print(f"wrote {summary['file']}")
+        print_report(summary, console)
 
 
 # -- run ------------------------------------------------------------------------------------
@@ -433,7 +386,7 @@ def keygen_command(
     how = "generated" if info.generated else "loaded"
     console.print(
         f"{how} keys in {info.seconds:.2f} s; uploaded "
-        f"{_mb(info.evaluation_key_bytes)} of evaluation keys; key id {key_id}"
+        f"{format_mb(info.evaluation_key_bytes)} of evaluation keys; key id {key_id}"
     )
     console.print(f"secret key kept in {handle.folder.path}")
 
@@ -502,7 +455,7 @@ def demo_command(
     ),
 ) -> None:
     """Compile the digits CNN, serve it locally, and classify digits encrypted over HTTP."""
-    run_demo(backend=backend, count=count, activation=activation, work_dir=work_dir.expanduser())
+    run_demo(backend, count, activation, work_dir.expanduser(), console)
 
 
 # -- bench ----------------------------------------------------------------------------------
@@ -557,320 +510,6 @@ def bench_command(
         console.print(f"wrote {plot}")
 
 
-# -- the compile report ---------------------------------------------------------------------
-
-
-def circuit_report(circuit: Any, measure_backend: str | None = None) -> dict[str, Any]:
-    """Per-node costs, totals, and key and ciphertext sizes of a circuit.
-
-    Sizes are measured on ``measure_backend`` (keys generated and serialised, which takes
-    seconds to minutes at large rings) or, when it is ``None``, estimated from N and the
-    modulus chain.
-    """
-    manifest = circuit.manifest()
-    nodes = [
-        {
-            "name": n["name"],
-            "kind": n["kind"],
-            "sources": n["sources"],
-            "level_in": n["level_in"],
-            "level_out": n["level_out"],
-            **n["cost"],
-            **{k: n[k] for k in ("function", "degree", "range", "max_error") if k in n},
-        }
-        for n in manifest["nodes"]
-    ]
-    params = circuit.params
-    totals = {
-        "depth": circuit.depth,
-        "poly_modulus_degree": params.poly_modulus_degree,
-        "coeff_modulus_bits": list(params.coeff_modulus_bits),
-        "scale_bits": params.scale_bits,
-        "security_level": params.security_level,
-        "rotation_steps": len(circuit.rotation_steps),
-        "input_ciphertexts": circuit.input_layout.chunks,
-        "output_ciphertexts": circuit.output_layout.chunks,
-        **{
-            k: sum(n[k] for n in nodes)
-            for k in ("rotations", "plain_multiplications", "multiplications", "rescales")
-        },
-    }
-    sizes = (
-        _measured_sizes(circuit, measure_backend) if measure_backend else _estimated_sizes(circuit)
-    )
-    latency = _latency_estimate(circuit, nodes)
-    return {
-        "name": circuit.name,
-        "nodes": nodes,
-        "totals": totals,
-        "sizes": sizes,
-        "latency": latency,
-    }
-
-
-def _latency_estimate(circuit: Any, nodes: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-node seconds from the primitive cost table, added to ``nodes`` in place."""
-    from he_inference import costmodel
-
-    backend = str(circuit.metadata.get("backend", "seal"))
-    if backend == "plain":
-        backend = "seal"
-    try:
-        estimates = costmodel.estimate(circuit, backend)
-    except HEInferenceError as exc:
-        return {"available": False, "reason": str(exc)}
-    for node, estimate in zip(nodes, estimates, strict=True):
-        node["estimated_s"] = estimate.seconds
-    return {
-        "available": True,
-        "backend": backend,
-        "estimated_s": sum(e.seconds for e in estimates),
-        "table": str(costmodel.DEFAULT_TABLE),
-    }
-
-
-def _estimated_sizes(circuit: Any) -> dict[str, Any]:
-    params = circuit.params
-    n, bits = params.poly_modulus_degree, params.coeff_modulus_bits
-    keys = len({s % params.slots for s in circuit.rotation_steps} - {0}) + 1  # + relin_keys
-    if circuit.metadata.get("backend") == "openfhe":
-        return _estimated_openfhe_sizes(circuit, keys)
-    # SEAL: a key-switching key holds one seeded ciphertext-sized pair per data prime: L
-    # digits of N coefficients over the L data primes and the special prime. Seeding halves
-    # each pair; serialisation stores each residue in about its prime's bits.
-    data_primes = len(bits) - 1
-    key_bytes = data_primes * n * sum(bits) / 8
-    query = circuit.input_layout.chunks * n * sum(bits[:-1]) / 8  # seeded: one polynomial
-    last = bits[: max(1, data_primes - circuit.depth)]
-    result = circuit.output_layout.chunks * 2 * n * sum(last) / 8
-    return {
-        "how": "estimated from N and the modulus chain",
-        "evaluation_key_bytes": int(keys * key_bytes),
-        "query_bytes": int(query),
-        "result_bytes": int(result),
-    }
-
-
-def _estimated_openfhe_sizes(circuit: Any, keys: int) -> dict[str, Any]:
-    # OpenFHE stores every residue as a 64-bit word and seeds nothing. HYBRID key switching
-    # takes the fewest digits whose 60-bit P primes (covering the largest digit plus a few
-    # bits) keep Q*P within the security bound; a key is then one pair over Q and P per digit.
-    from he_inference.params import max_modulus_bits
-
-    params = circuit.params
-    n, q_bits = params.poly_modulus_degree, list(params.coeff_modulus_bits[:-1])
-    bound = max_modulus_bits(n, params.security_level)
-    digits, p_primes = len(q_bits), 1
-    for dnum in range(1, len(q_bits) + 1):
-        size = math.ceil(len(q_bits) / dnum)
-        largest = max(sum(q_bits[i : i + size]) for i in range(0, len(q_bits), size))
-        p_primes = math.ceil((largest + 4) / 60)
-        if sum(q_bits) + 60 * p_primes <= bound:
-            digits = dnum
-            break
-    word = 8
-    key_bytes = digits * 2 * n * (len(q_bits) + p_primes) * word
-    query = circuit.input_layout.chunks * 2 * n * len(q_bits) * word
-    result = circuit.output_layout.chunks * 2 * n * max(1, len(q_bits) - circuit.depth) * word
-    return {
-        "how": f"estimated from N and the modulus chain (OpenFHE, HYBRID with {digits} digits)",
-        "evaluation_key_bytes": int(keys * key_bytes),
-        "query_bytes": int(query),
-        "result_bytes": int(result),
-    }
-
-
-def _measured_sizes(circuit: Any, backend_name: str) -> dict[str, Any]:
-    from he_inference import wire
-    from he_inference.backends import make_backend
-    from he_inference.evaluate import encrypt_input
-
-    backend = make_backend(backend_name, circuit.params)
-    backend.generate_keys(circuit.rotation_steps)
-    keys = wire.encode_evaluation_keys(backend)
-    zeros = np.zeros((circuit.input_layout.batch, *circuit.input_layout.shape))
-    cts = encrypt_input(circuit, backend, zeros)
-    query = wire.encode_ciphertexts(backend, cts)
-    # A result is a full (unseeded) ciphertext at the circuit's last level.
-    last = backend.rescale(backend.multiply_plain(cts[0], backend.encode(1.0)))
-    if circuit.depth > backend.level(last):
-        last = backend.drop_to_level(last, circuit.depth)
-    result = wire.encode_ciphertexts(backend, [last] * circuit.output_layout.chunks)
-    return {
-        "how": f"measured on {backend_name}",
-        "evaluation_key_bytes": len(keys),
-        "query_bytes": len(query),
-        "result_bytes": len(result),
-    }
-
-
-# -- the demo -------------------------------------------------------------------------------
-
-
-def run_demo(backend: str, count: int, activation: str, work_dir: Path) -> None:
-    """Compile, serve on a free local port, query ``count`` digits encrypted, print a table.
-
-    Raises:
-        ConfigurationError: the activation has no model in the zoo.
-    """
-    import tempfile
-    import time
-
-    import benchmarks
-
-    zoo = Path(benchmarks.__file__).parent / "zoo"
-    onnx_path = zoo / f"digits_cnn_{activation}.onnx"
-    if not onnx_path.is_file():
-        choices = sorted(p.stem.removeprefix("digits_cnn_") for p in zoo.glob("digits_cnn_*.onnx"))
-        raise ConfigurationError(
-            f"no demo model for activation {activation!r}: choose one of {', '.join(choices)}"
-        )
-    data = np.load(zoo / "digits.npz", allow_pickle=False)
-    x_test, y_test = data["x_test"][:count], data["y_test"][:count]
-
-    with console.status("compiling the model"):
-        circuit_path = _compiled_circuit(onnx_path, data["x_calib"], work_dir, backend)
-    plain = _onnx_logits(onnx_path, x_test)
-
-    with (
-        tempfile.TemporaryDirectory(prefix="he-demo-") as tmp,
-        _local_server(Path(tmp), circuit_path, backend) as url,
-    ):
-        from client import Client
-
-        with Client(url, key_dir=Path(tmp) / "client-keys") as connection:
-            model = connection.model(circuit_path.stem)
-            info = model.generate_keys()
-            start = time.perf_counter()
-            model.upload_keys()
-            upload_s = time.perf_counter() - start
-            rows = []
-            for i in range(len(x_test)):
-                logits = model.predict(x_test[i : i + 1])
-                rows.append((logits[0], model.last_stats[0]))
-    _print_demo(backend, activation, info, upload_s, rows, plain, y_test)
-
-
-def _compiled_circuit(
-    onnx_path: Path, calibration: np.ndarray, work_dir: Path, backend: str
-) -> Path:
-    """Compile the demo model for the backend; it takes a fraction of a second, so the
-    circuit is always rebuilt and never goes stale against the compiler."""
-    from compiler import compile_model
-
-    folder = work_dir / backend
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{onnx_path.stem}.hec"
-    compile_model(onnx_path, calibration, name=onnx_path.stem, backend=backend).save(path)
-    return path
-
-
-def _onnx_logits(onnx_path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    rows = [session.run(None, {name: x[i : i + 1].astype(np.float32)})[0] for i in range(len(x))]
-    logits: np.ndarray = np.concatenate(rows).reshape(len(x), -1).astype(np.float64)
-    return logits
-
-
-class _local_server:  # noqa: N801 - used as a context manager, named like one
-    """uvicorn on a free 127.0.0.1 port in a daemon thread, over one circuit file."""
-
-    def __init__(self, root: Path, circuit_path: Path, backend: str) -> None:
-        self.root, self.circuit_path, self.backend = root, circuit_path, backend
-
-    def __enter__(self) -> str:
-        import shutil
-        import socket
-        import threading
-        import time
-
-        import uvicorn
-
-        from server import Settings, create_app
-
-        models = self.root / "models"
-        models.mkdir(parents=True)
-        shutil.copy(self.circuit_path, models / self.circuit_path.name)
-        settings = Settings.model_validate(
-            {
-                "models_dir": models,
-                "key_store_dir": self.root / "server-keys",
-                "backend": self.backend,
-            }
-        )
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.bind(("127.0.0.1", 0))  # bound here, so no other process takes the port
-        port = self.socket.getsockname()[1]
-        config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
-        )
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise ConfigurationError("the demo server did not start")
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.socket.close()
-
-
-def _print_demo(
-    backend: str,
-    activation: str,
-    info: Any,
-    upload_s: float,
-    rows: list[tuple[np.ndarray, Any]],
-    plain: np.ndarray,
-    labels: np.ndarray,
-) -> None:
-    table = Table(
-        title=f"encrypted digits CNN ({activation}) on {backend}",
-        caption=(
-            "encrypted: the class decrypted from the server's answer; plaintext: onnxruntime on "
-            "the same digit; true: the dataset's label; latency: encrypt + HTTP + evaluate + "
-            "decrypt; eval: the server's evaluation alone (the first query also encodes the "
-            "weights); max |dlogit|: largest difference between encrypted and plaintext logits"
-        ),
-    )
-    for column in ("#", "encrypted", "plaintext", "true", "latency s", "eval s", "max |dlogit|"):
-        table.add_column(column, justify="right")
-    encrypted = np.array([logits for logits, _ in rows])
-    diffs = np.abs(encrypted - plain).max(axis=1)
-    for i, (logits, stats) in enumerate(rows):
-        ok = "green" if logits.argmax() == plain[i].argmax() else "red"
-        table.add_row(
-            str(i),
-            f"[{ok}]{logits.argmax()}[/]",
-            str(plain[i].argmax()),
-            str(labels[i]),
-            f"{stats.latency_s:.2f}",
-            f"{stats.eval_seconds:.2f}",
-            f"{diffs[i]:.2e}",
-        )
-    console.print(table)
-    stats = [s for _, s in rows]
-    agree = float(np.mean(encrypted.argmax(1) == plain.argmax(1)))
-    console.print(
-        f"key generation {info.seconds:.1f} s; evaluation keys {_mb(info.evaluation_key_bytes)} "
-        f"(upload and server load {upload_s:.1f} s)\n"
-        f"query {_mb(stats[0].request_bytes)}, result {_mb(stats[0].response_bytes)}; "
-        f"mean latency {np.mean([s.latency_s for s in stats]):.2f} s\n"
-        f"agreement encrypted vs plaintext {agree:.0%}, max |logit difference| "
-        f"{diffs.max():.2e}\n"
-        f"accuracy encrypted {np.mean(encrypted.argmax(1) == labels):.0%}, plaintext "
-        f"{np.mean(plain.argmax(1) == labels):.0%}"
-    )
-
-
 # -- helpers ------------------------------------------------------------------------------
 
 
@@ -888,10 +527,6 @@ def load_array(path: Path, key: str) -> np.ndarray:
     if path.suffix == ".npy":
         return np.asarray(np.load(path, allow_pickle=False))
     raise InputError(f"{path}: give inputs as .npy or .npz")
-
-
-def _mb(size: int | float) -> str:
-    return f"{size / 1e6:.2f} MB"
 
 
 if __name__ == "__main__":

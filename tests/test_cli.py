@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from he_inference.circuit import Circuit, PolynomialNode
-from he_inference.cli import app, circuit_report
+from he_inference.cli import app
+from he_inference.report import circuit_report
 from tests.he_inference.circuits import mlp_circuit, mlp_reference
 
 runner = CliRunner()
@@ -169,7 +170,7 @@ def test_demo_runs_end_to_end_on_plain(tmp_path: Path) -> None:
 
 
 def test_keygen_then_predict_json_against_a_local_server(tmp_path: Path) -> None:
-    from he_inference.cli import _local_server
+    from he_inference.demo import _local_server
 
     circuit, weights = mlp_circuit(np.random.default_rng(9))
     circuit.save(tmp_path / "mlp.hec")

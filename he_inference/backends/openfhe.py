@@ -7,32 +7,10 @@ adjusts scales behind the caller's back, so levels would drift from SEAL's and t
 backend's. Under FIXEDMANUAL ``GetLevel`` counts the rescales done so far (0 when fresh),
 exactly the contract's level, and ``Rescale`` / ``LevelReduce`` are the only level changes.
 
-The modulus chain OpenFHE builds is ``[first, scale x depth]`` for Q plus key-switching
-primes P that OpenFHE sizes itself (60-bit primes, enough to cover the largest key-switching
-digit with a margin of about four bits). That P is not the chain's single special prime, so
-:func:`_build_context` tries, in order, until OpenFHE's own ``HEStd_*_classic`` check
-accepts the same ring degree:
-
-1. HYBRID key switching with the fewest digits (smallest keys, fastest switching);
-2. HYBRID with one digit per prime and the first prime shortened to 56 bits or less, so one
-   60-bit P prime suffices: Q*P is then no longer than the chain in ``params`` (the result
-   keeps ``first - scale_bits`` integer bits instead of the chain's);
-3. BV key switching with 10-bit digits (no P at all): keys about 3x larger and rotations
-   about 2^-15 noisier than HYBRID's; logged at WARNING.
-
-Measured chains (bits, Q then P): N=8192 ``(60,40,40,60)`` -> ``(55,40,41 | 60)`` = 195 by
-step 2; N=16384 ``(60,40x6,60)`` -> ``(60,40,41,40,41,40,41 | 60,60)`` = 420 with 4 digits
-by step 1; N=16384 ``(60,40x7,60)`` -> ``(55,41,40,41,40,41,40,41 | 60)`` = 395 by step 2.
-
-Parameters with ``noise_flooding`` make a NOISE_FLOODING_DECRYPT context in EXEC_EVALUATION
-mode: decryption adds a discrete Gaussian of standard deviation ``sqrt(12) * 2^15 * 2^e``
-(OpenFHE 1.6's fixed statistical security 30 and one query) for the published noise estimate
-``e``, which hides the ciphertext's own, key-dependent noise. The mode and the estimate are
-part of the crypto parameters, so the client's and the server's contexts are both built from
-the manifest's parameters or a result does not load. ``noise_estimation=True`` makes the
-EXEC_NOISE_ESTIMATION context in which the compiler measures ``e`` (:meth:`noise_bits`). Under
-flooding OpenFHE's 64-bit build fixes the scale at 2^59 and the first prime at 60 bits, which
-the parameters must already say (``params.select_flooding_parameters``).
+The crypto context itself (the key switching OpenFHE accepts for the parameters' ring
+degree, the security level, and the noise-flooding and noise-estimation decryption modes)
+is built in :mod:`he_inference.backends.openfhe_context`;
+:attr:`OpenFheBackend.key_switching` says which key switching was chosen.
 
 OpenFHE keeps evaluation keys in process-global maps keyed by the secret key's tag (a random
 128-bit hex id), and ``GenCryptoContext`` returns one shared context for equal parameters.
@@ -74,20 +52,16 @@ import numpy as np
 import openfhe
 
 from he_inference.backends.base import EVALUATION_KEY_KINDS, KEY_KINDS, Backend
+from he_inference.backends.openfhe_context import build_context
 from he_inference.errors import (
     CircuitError,
     ConfigurationError,
-    InsecureParametersError,
     KeyError_,
     LevelExhaustedError,
     MalformedPayloadError,
     ParameterMismatchError,
 )
-from he_inference.params import (
-    FLOODING_FIRST_PRIME_BITS,
-    FLOODING_SCALE_BITS,
-    CkksParameters,
-)
+from he_inference.params import CkksParameters
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +70,6 @@ _Array = np.ndarray[Any, Any]
 
 THREADS_ENV = "HE_INFERENCE_OPENFHE_THREADS"
 
-_SECURITY = {
-    128: openfhe.HEStd_128_classic,
-    192: openfhe.HEStd_192_classic,
-    256: openfhe.HEStd_256_classic,
-}
-# One 60-bit P prime covers a digit of up to 55 or 56 bits, by ring degree (OpenFHE 1.6).
-_HYBRID_MAX_DIGIT_BITS = 56
-_BV_DIGIT_BITS = 10
 _PARAMS_MARKER = b"lbcrypto::CryptoParametersCKKSRNS"
 _SCHEME_MARKER = b"lbcrypto::SchemeCKKSRNS"
 # Reference serialisations per parameter set and key switching (see OpenFheBackend._references).
@@ -134,99 +100,6 @@ def _default_threads() -> int:
     except ValueError as exc:
         raise ConfigurationError(f"{THREADS_ENV}={value!r} is not an integer") from exc
     return threads
-
-
-def _decryption_mode(ccp: Any, params: CkksParameters, estimation: bool) -> str:
-    """Set the decryption noise and execution modes on ``ccp``; return a description.
-
-    Raises:
-        ConfigurationError: a flooding mode is asked for off OpenFHE's flooding chain.
-    """
-    flooding = params.noise_flooding
-    if flooding is None and not estimation:
-        return "plain decryption"
-    if (params.scale_bits, params.first_prime_bits) != (
-        FLOODING_SCALE_BITS,
-        FLOODING_FIRST_PRIME_BITS,
-    ):
-        # OpenFHE would evaluate at 2^59 anyway, and an estimate measured at another scale
-        # would not be the flooding context's noise.
-        raise ConfigurationError(
-            f"noise flooding needs scale 2^{FLOODING_SCALE_BITS} and a "
-            f"{FLOODING_FIRST_PRIME_BITS}-bit first prime, not 2^{params.scale_bits} and "
-            f"{params.first_prime_bits} bits: choose params.select_flooding_parameters"
-        )
-    ccp.SetDecryptionNoiseMode(openfhe.NOISE_FLOODING_DECRYPT)
-    if estimation or flooding is None:  # the second only when estimating (returned above)
-        ccp.SetExecutionMode(openfhe.EXEC_NOISE_ESTIMATION)
-        return "noise estimation"
-    ccp.SetExecutionMode(openfhe.EXEC_EVALUATION)
-    ccp.SetNoiseEstimate(flooding.estimate_bits)
-    return f"noise-flooding decryption (2^{flooding.flooding_bits:.1f})"
-
-
-def _build_context(params: CkksParameters, estimation: bool = False) -> tuple[Any, str]:
-    """The crypto context for ``params`` and a description of the key switching chosen.
-
-    Raises:
-        ConfigurationError: the security level has no OpenFHE equivalent, or a flooding
-            mode is asked for off the flooding chain.
-        InsecureParametersError: OpenFHE accepts no key-switching setting at this ring degree.
-    """
-    if params.security_level not in _SECURITY:
-        raise ConfigurationError(f"security level {params.security_level} has no OpenFHE level")
-    primes = params.depth + 1
-    first = params.first_prime_bits
-    candidates: list[tuple[str, Any, int, int]] = [
-        (f"HYBRID with {dnum} digits", openfhe.HYBRID, dnum, first)
-        for dnum in range(1, primes + 1)
-    ]
-    # Keep at least ten integer bits above the scale when shortening the first prime. Under
-    # flooding OpenFHE fixes the first prime at 60 bits, so shortening it is no way out.
-    if params.noise_flooding is None and not estimation:
-        candidates += [
-            (f"HYBRID with {primes} digits, first prime {bits} bits", openfhe.HYBRID, primes, bits)
-            for bits in range(min(first - 1, _HYBRID_MAX_DIGIT_BITS), params.scale_bits + 9, -1)
-        ]
-    candidates.append((f"BV with {_BV_DIGIT_BITS}-bit digits", openfhe.BV, 0, first))
-
-    for description, technique, digits, first_bits in candidates:
-        ccp = openfhe.CCParamsCKKSRNS()
-        ccp.SetRingDim(params.poly_modulus_degree)
-        ccp.SetMultiplicativeDepth(params.depth)
-        ccp.SetScalingModSize(params.scale_bits)
-        ccp.SetFirstModSize(first_bits)
-        ccp.SetScalingTechnique(openfhe.FIXEDMANUAL)
-        ccp.SetBatchSize(params.slots)
-        ccp.SetSecurityLevel(_SECURITY[params.security_level])
-        ccp.SetKeySwitchTechnique(technique)
-        if technique == openfhe.HYBRID:
-            ccp.SetNumLargeDigits(digits)
-        else:
-            ccp.SetDigitSize(_BV_DIGIT_BITS)
-        mode = _decryption_mode(ccp, params, estimation)
-        try:
-            context = openfhe.GenCryptoContext(ccp)
-        except RuntimeError:
-            continue
-        for feature in (openfhe.PKE, openfhe.KEYSWITCH, openfhe.LEVELEDSHE, openfhe.ADVANCEDSHE):
-            context.Enable(feature)
-        level = logging.WARNING if technique == openfhe.BV or first_bits != first else logging.INFO
-        logger.log(
-            level,
-            "OpenFHE N=%d depth=%d scale=2^%d: key switching %s, %s",
-            params.poly_modulus_degree,
-            params.depth,
-            params.scale_bits,
-            description,
-            mode,
-        )
-        return context, description
-    raise InsecureParametersError(
-        f"OpenFHE accepts no key-switching setting for N={params.poly_modulus_degree} with the "
-        f"chain {list(params.coeff_modulus_bits)} at {params.security_level}-bit security: "
-        f"use a larger ring degree or a shorter chain"
-    )
 
 
 def _canonical(data: bytes, parse: Any) -> bytes:
@@ -261,7 +134,7 @@ class OpenFheBackend(Backend):
         self._local = threading.local()
         self._apply_threads()
         self.noise_estimation = noise_estimation
-        self._cc, self.key_switching = _build_context(params, noise_estimation)
+        self._cc, self.key_switching = build_context(params, noise_estimation)
         self._secret_key: Any = None
         self._public_key: Any = None
         self._tag: str | None = None
@@ -529,10 +402,10 @@ class OpenFheBackend(Backend):
         # A decrypted CKKS result at full precision lets whoever holds its ciphertext recover
         # the secret key (Li and Micciancio 2021). With params.noise_flooding this context is
         # NOISE_FLOODING_DECRYPT, and Decrypt adds the flooding noise sized from the estimate
-        # the compiler measured and the manifest publishes (see the module docstring). Without
-        # it (circuits compiled with flooding off, or before it existed) decryption adds only
-        # OpenFHE's fixed decoding noise, about as large as the ciphertext's own noise, and
-        # the README says what a user must not share back.
+        # the compiler measured and the manifest publishes (see openfhe_context's docstring).
+        # Without it (circuits compiled with flooding off, or before it existed) decryption
+        # adds only OpenFHE's fixed decoding noise, about as large as the ciphertext's own
+        # noise, and the README says what a user must not share back.
         if self._secret_key is None:
             raise KeyError_("this context holds no secret key and cannot decrypt")
         return np.asarray(self._decrypt(ct).GetRealPackedValue(), dtype=np.float64)

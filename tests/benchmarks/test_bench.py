@@ -150,7 +150,7 @@ def test_bench_on_seal_reports_keys_sizes_and_per_layer_precision(tmp_path: Path
 @pytest.mark.slow
 def test_bench_through_the_server_shows_transport(tmp_path: Path) -> None:
     require_backend("seal")
-    from he_inference.cli import _compiled_circuit, _local_server
+    from he_inference.demo import _compiled_circuit, _local_server
 
     data = np.load(DIGITS)
     path = _compiled_circuit(SQUARE_MODEL, data["x_calib"], tmp_path, "seal")
