@@ -13,9 +13,11 @@ client), so they are first loaded in a child process that cannot hurt the server
 - it is a fresh interpreter, one per upload (never ``fork``: the server runs threads, and
   OpenMP deadlocks in a child forked from a threaded parent; and never ``multiprocessing``,
   whose children re-import the server's ``__main__``), which imports only ``he_inference``;
-- its address space is capped with ``RLIMIT_AS`` at its footprint at start plus
-  ``key_parse_memory_factor`` times the upload's size plus :data:`HEADROOM_BYTES`, so an
-  allocation beyond it fails there (``MemoryError`` or a crash), not in the server;
+- its address space is capped with ``RLIMIT_AS`` at its footprint at start plus the
+  larger of ``key_parse_memory_factor`` times the upload's size and what this model's
+  keys occupy once loaded (:func:`loaded_key_bytes`, three times over), plus
+  :data:`HEADROOM_BYTES`, so an allocation beyond it fails there (``MemoryError``, a crash,
+  or SEAL spinning until the time limit), not in the server;
 - it is killed after ``key_parse_timeout_s`` seconds.
 
 The child loads the keys into a fresh context made from the model's own parameters and
@@ -92,7 +94,15 @@ def decode_evaluation_keys(
             model.template.name,
             model.circuit.params,
             data,
-            memory_bytes=worker_memory_bytes(len(data), settings.key_parse_memory_factor),
+            memory_bytes=worker_memory_bytes(
+                len(data),
+                settings.key_parse_memory_factor,
+                loaded_key_bytes(
+                    model.template.name,
+                    model.circuit.params,
+                    len(model.circuit.rotation_steps) + 1,  # Galois keys and the relin key
+                ),
+            ),
             timeout_s=settings.key_parse_timeout_s,
         )
     return keys
@@ -138,9 +148,31 @@ def isolates_queries(settings: Settings) -> bool:
     return settings.isolate_query_parsing == "always"
 
 
-def worker_memory_bytes(upload_bytes: int, factor: float) -> int:
-    """The address space a key-parsing worker may add to its footprint at start."""
-    return int(factor * upload_bytes) + HEADROOM_BYTES
+def worker_memory_bytes(upload_bytes: int, factor: float, loaded_bytes: int = 0) -> int:
+    """The address space a key-parsing worker may add to its footprint at start.
+
+    The larger of ``factor`` times the upload and the upload plus three times
+    ``loaded_bytes``, what legitimate keys occupy once loaded (:func:`loaded_key_bytes`).
+    """
+    allowance = max(factor * upload_bytes, upload_bytes + 3 * loaded_bytes)
+    return int(allowance) + HEADROOM_BYTES
+
+
+def loaded_key_bytes(backend_name: str, params: CkksParameters, keys: int) -> int:
+    """The most that ``keys`` SEAL key-switching keys for ``params`` hold in memory.
+
+    A compressed, seeded SEAL upload is much smaller than its keys once loaded: each seeded
+    half is expanded and every residue takes a 64-bit word, so a chain of 32-bit primes
+    loads to 3.4 times its upload (107 MB of keys for the ReLU digits CNN at N=16384 hold
+    368 MB: one pair of polynomials over every prime per data prime and key), and loading
+    takes about twice that. Below it SEAL does not fail but spins until the time limit
+    (measured: 7x the upload loads in 3 s, 6x never). OpenFHE's uploads are uncompressed
+    64-bit words already, so ``key_parse_memory_factor`` times the upload covers them (0).
+    """
+    if backend_name != "seal":
+        return 0
+    primes = len(params.coeff_modulus_bits)
+    return keys * (primes - 1) * 2 * params.poly_modulus_degree * primes * 8
 
 
 def check_keys_in_worker(
@@ -217,8 +249,10 @@ def _verdict(output: bytes | None, returncode: int, timeout_s: float) -> HEInfer
     """``None`` when the keys loaded, else the error that the upload is refused with."""
     if output is None:
         return MalformedPayloadError(
-            f"the evaluation keys did not load within {timeout_s:g} s: they are malformed or "
-            f"far larger than this model's keys; generate them from this model's manifest"
+            f"the evaluation keys did not load within {timeout_s:g} s: they are malformed, "
+            f"far larger than this model's keys, or beyond the key worker's memory cap "
+            f"(the server's key_parse_memory_factor); generate them from this model's "
+            f"manifest, or ask the operator to raise the cap"
         )
     try:
         answer = json.loads(output.decode("utf-8").strip().splitlines()[-1])

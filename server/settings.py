@@ -41,7 +41,8 @@ class Settings(BaseModel):
         isolate_key_parsing: trial-load each evaluation-key upload in a memory- and
             time-limited worker process before the server parses it (``server/parsing.py``).
         key_parse_memory_factor: that worker may grow its address space by this many times
-            the upload's size (plus a fixed headroom) before its allocations fail.
+            the upload's size, or by three times what the model's keys occupy once loaded
+            if that is more (plus a fixed headroom), before its allocations fail.
         key_parse_timeout_s: seconds that worker may take before it is killed (400 then).
         isolate_query_parsing: trial-parse each query in a persistent memory- and
             time-limited worker before the server parses it (``server/query_worker.py``):

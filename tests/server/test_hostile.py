@@ -498,3 +498,31 @@ def test_a_key_worker_past_its_time_limit_is_killed_and_refused(plain: Target) -
         check_keys_in_worker(
             "plain", plain.circuit.params, plain.keys, memory_bytes=1 << 30, timeout_s=0.01
         )
+
+
+def test_large_valid_seal_keys_load_in_the_worker_under_the_default_cap() -> None:
+    # 32-bit primes compress well: these 9 keys upload as about 107 MB and load to 368 MB.
+    # A cap of 4x the upload made SEAL spin until the time limit and refuse valid keys.
+    from server.parsing import check_keys_in_worker, loaded_key_bytes, worker_memory_bytes
+    from server.settings import Settings
+
+    require_backend("seal")
+    params = select_parameters(11, 8192, scale_bits=30, min_ring_degree=16384)
+    steps = [1 << i for i in range(8)]
+    backend = make_backend("seal", params)
+    backend.generate_keys(steps)
+    data = wire.encode_evaluation_keys(backend)
+    defaults = Settings.model_fields
+    memory = worker_memory_bytes(
+        len(data),
+        defaults["key_parse_memory_factor"].default,
+        loaded_key_bytes("seal", params, len(steps) + 1),
+    )
+    assert memory > 7 * len(data)  # the least that loaded these keys when measured
+    check_keys_in_worker(
+        "seal",
+        params,
+        data,
+        memory_bytes=memory,
+        timeout_s=defaults["key_parse_timeout_s"].default,
+    )
