@@ -148,6 +148,7 @@ def compile_model(
         circuit = add_noise_flooding(
             circuit,
             calibration,
+            output_bound=max(abs(output_range[0]), abs(output_range[1])) if output_range else None,
             statistical_security=flooding_security,
             adversarial_queries=flooding_queries,
         )

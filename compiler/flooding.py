@@ -11,9 +11,13 @@ measures it once with a throwaway key and writes it into the parameters that the
 publishes; the server and the client then build the same flooding context from them.
 
 What it costs: OpenFHE's 64-bit build evaluates flooding contexts at scale 2^59 on a 60-bit
-first prime whatever the chain asks, plus one level so the output keeps integer room
-(``params.select_flooding_parameters``), which about doubles the ring degree for the usual
-depths: keys, ciphertexts and latency grow with it. The estimate is measured on
+first prime whatever the chain asks, which about doubles the ring degree for the usual
+depths: keys, ciphertexts and latency grow with it. That first prime leaves the output one
+bit of integer room. Where the output comes from a linear map and its calibrated bound is
+known, the map's weights are divided by a power of two that brings the output below 1/8,
+and the output layout's ``scale`` tells the client to multiply it back after decrypting:
+this costs that many bits of the output's precision and saves a whole 59-bit level, the
+one kept spare otherwise (``params.select_flooding_parameters``). The estimate is measured on
 representative inputs, an average case: it holds for queries like the calibration data, and
 Guo et al. (USENIX Security 2024) attack flooding whose estimate a crafted input exceeds.
 """
@@ -27,7 +31,7 @@ from dataclasses import replace
 import numpy as np
 
 from he_inference.backends import backend_class
-from he_inference.circuit import Circuit
+from he_inference.circuit import Circuit, LinearNode
 from he_inference.errors import BackendUnavailableError, ConfigurationError
 from he_inference.evaluate import encrypt_input, evaluate
 from he_inference.params import (
@@ -49,6 +53,7 @@ def add_noise_flooding(
     circuit: Circuit,
     inputs: np.ndarray | None = None,
     *,
+    output_bound: float | None = None,
     statistical_security: int = FLOODING_BASE_SECURITY,
     adversarial_queries: int = 1,
 ) -> Circuit:
@@ -59,6 +64,8 @@ def add_noise_flooding(
         inputs: representative queries of the input's shape (a stack of them); the first
             ``batch`` are packed into one query. ``None`` draws them uniformly from the
             circuit's input range.
+        output_bound: the largest output magnitude expected (the calibrated one); with it,
+            an output from a linear map is scaled down instead of kept on a spare level.
         statistical_security: bits of statistical security of the flooding (at least 30).
         adversarial_queries: decryptions of related ciphertexts an attacker may collect;
             the flooding noise grows with its square root.
@@ -84,11 +91,16 @@ def add_noise_flooding(
     from he_inference.backends.openfhe import OpenFheBackend
 
     layout = circuit.input_layout
+    scaled = _scaled_output(circuit, output_bound)
+    shift = 0
+    if scaled is not None:
+        circuit, shift = scaled
     # The levels the circuit's chain was sized for (its nodes' levels need not be recorded).
     params = select_flooding_parameters(
         circuit.params.depth,
         2 * layout.period * layout.batch,
         security_level=circuit.params.security_level,
+        spare_level=scaled is None,
     )
     measuring = replace(circuit, params=params)
     queries = _queries(circuit, inputs)
@@ -105,12 +117,14 @@ def add_noise_flooding(
     )
     flooded = replace(params, noise_flooding=flooding)
 
-    slot_noise = flooding.slot_noise(flooded.poly_modulus_degree)
+    # Per output element, after the client multiplies by the output layout's scale.
+    slot_noise = flooding.slot_noise(flooded.poly_modulus_degree) * 2.0**shift
     precision = -math.log2(slot_noise)
     metadata = dict(circuit.metadata)
     metadata["noise_flooding"] = {
         "slot_noise": slot_noise,
         "precision_bits": round(precision, 2),
+        "output_shift_bits": shift,
         "estimated_on_queries": int(queries.shape[0]),
         "key_switching": backend.key_switching,
         "without_flooding": {
@@ -157,3 +171,29 @@ def _queries(circuit: Circuit, inputs: np.ndarray | None) -> np.ndarray:
         if x.shape[0] < layout.batch
         else x[: layout.batch]
     )
+
+
+def _scaled_output(circuit: Circuit, output_bound: float | None) -> tuple[Circuit, int] | None:
+    """The circuit with its output map divided by ``2^shift`` so that ``|y| < 1/8``.
+
+    None where that is not possible: no bound is known, or the output is not a linear map.
+    """
+    last = next((n for n in circuit.nodes if n.name == circuit.output_name), None)
+    if output_bound is None or not isinstance(last, LinearNode):
+        return None
+    shift = max(0, math.ceil(math.log2(8.0 * max(output_bound, 2.0**-20))))
+    factor = 2.0**-shift
+    scaled = replace(
+        last,
+        blocks=[replace(b, diagonals=b.diagonals * factor) for b in last.blocks],
+        bias=None if last.bias is None else last.bias * factor,
+    )
+    nodes = [scaled if n is last else n for n in circuit.nodes]
+    layout = replace(circuit.output_layout, scale=circuit.output_layout.scale * 2.0**shift)
+    logger.info(
+        "noise flooding: output map %s scaled by 2^-%d (bound %.3g) to fit the first prime",
+        last.name,
+        shift,
+        output_bound,
+    )
+    return replace(circuit, nodes=nodes, output_layout=layout), shift

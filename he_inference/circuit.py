@@ -54,12 +54,15 @@ class Layout:
         period: ``m``, the cyclic length every linear map works in (a power of two).
         chunks: ciphertexts the value spans.
         batch: queries packed side by side in each ciphertext (throughput mode).
+        scale: the slots hold the values divided by this (a power of two): an output kept
+            small so it fits a first prime with little integer room (noise flooding).
     """
 
     shape: tuple[int, ...]
     period: int
     chunks: int
     batch: int = 1
+    scale: float = 1.0
 
     @property
     def size(self) -> int:
@@ -96,7 +99,7 @@ class Layout:
             )
         out = np.zeros(self.chunks * slots)
         idx = self.slot_indices(slots)
-        flat = x.reshape(self.batch, -1)
+        flat = x.reshape(self.batch, -1) / self.scale
         out[idx] = flat
         out[idx + self.period] = flat
         return out.reshape(self.chunks, slots)
@@ -108,17 +111,20 @@ class Layout:
             raise CircuitError(
                 f"{vectors.size} slots decrypted, layout needs {self.chunks * slots}"
             )
-        tensors: np.ndarray = vectors[self.slot_indices(slots)]
+        tensors: np.ndarray = vectors[self.slot_indices(slots)] * self.scale
         return tensors.reshape(self.batch, *self.shape)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {
+        data: dict[str, Any] = {
             "shape": list(self.shape),
             "period": self.period,
             "chunks": self.chunks,
             "batch": self.batch,
         }
+        if self.scale != 1.0:
+            data["scale"] = self.scale
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Layout:
@@ -128,6 +134,7 @@ class Layout:
             int(data["period"]),
             int(data["chunks"]),
             int(data.get("batch", 1)),
+            float(data.get("scale", 1.0)),
         )
 
 

@@ -375,15 +375,18 @@ def select_flooding_parameters(
     *,
     security_level: int = 128,
     min_ring_degree: int | None = None,
+    spare_level: bool = True,
 ) -> CkksParameters:
     """Choose the smallest ring degree for OpenFHE's noise-flooding decryption.
 
     The chain is ``[60, 59 x (depth + 1), 60]``: OpenFHE fixes the scale and the first
     prime, which leaves the last level one bit of integer room, so one level more than the
-    circuit consumes keeps a second prime under the output (2^59 of room). OpenFHE's HYBRID
-    key switching then needs two 60-bit primes P for 60-bit digits, one more than the chain
-    holds, so 60 bits more must fit under the bound; OpenFHE's BV (no P) fits without them
-    but its keys are several times larger.
+    circuit consumes keeps a second prime under the output (2^59 of room). Without
+    ``spare_level`` the chain is ``[60, 59 x depth, 60]``, for an output already scaled
+    below one (``compiler.flooding``). OpenFHE's HYBRID key switching then needs two 60-bit
+    primes P for 60-bit digits, one more than the chain holds, so 60 bits more must fit
+    under the bound; OpenFHE's BV (no P) fits without them but its keys are several times
+    larger.
 
     Raises:
         ConfigurationError: the arguments are out of range.
@@ -393,7 +396,7 @@ def select_flooding_parameters(
         raise ConfigurationError(f"depth {depth} and slots {slots} must be positive")
     bits = (
         FLOODING_FIRST_PRIME_BITS,
-        *([FLOODING_SCALE_BITS] * (depth + 1)),
+        *([FLOODING_SCALE_BITS] * (depth + int(spare_level))),
         MAX_PRIME_BITS,
     )
     needed = sum(bits) + MAX_PRIME_BITS
@@ -407,5 +410,6 @@ def select_flooding_parameters(
         f"noise-flooding decryption of a depth-{depth} circuit needs {needed} modulus bits "
         f"(scale 2^{FLOODING_SCALE_BITS}) and N={largest} allows "
         f"{max_modulus_bits(largest, security_level)} at {security_level}-bit security: "
-        f"compile without noise flooding or lower the depth"
+        f"compile with --no-noise-flooding (then keep decrypted results to yourself) or "
+        f"lower the depth"
     )

@@ -53,7 +53,12 @@ def test_openfhe_circuits_carry_their_measured_noise_by_default() -> None:
     flooding = flooded.params.noise_flooding
     assert flooding is not None
     assert flooded.manifest()["params"]["noise_flooding"] == flooding.to_dict()
-    assert (flooded.params.scale_bits, flooded.params.depth) == (59, plain.depth + 1)
+    # The output map is scaled below 1/8 instead of keeping a spare 59-bit level for it.
+    assert (flooded.params.scale_bits, flooded.params.depth) == (59, plain.depth)
+    shift = flooded.metadata["noise_flooding"]["output_shift_bits"]
+    assert flooded.output_layout.scale == 2.0**shift
+    outputs = np.stack([run_plain(plain, x[None]) for x in calibration])
+    assert np.abs(outputs).max() / flooded.output_layout.scale < 1 / 8
     assert flooded.metadata["noise_flooding"]["estimated_on_queries"] == 1
     assert plain.params.noise_flooding is None
     assert plain.metadata["noise_flooding"] == "off"
@@ -71,3 +76,12 @@ def test_other_backends_and_circuits_are_left_alone() -> None:
     with pytest.raises(ConfigurationError, match="stack of the input shape"):
         seal.metadata["backend"] = "openfhe"
         add_noise_flooding(seal, np.zeros((2, 5)))
+
+
+def test_without_an_output_bound_the_output_keeps_a_spare_level() -> None:
+    model, calibration = _mlp(), RNG.uniform(-1, 1, size=(16, 1, 8))
+    plain = compile_model(model, calibration, degree=3, backend="openfhe", noise_flooding=False)
+    flooded = add_noise_flooding(plain, calibration)
+    assert flooded.params.depth == plain.depth + 1
+    assert flooded.output_layout.scale == 1.0
+    assert flooded.metadata["noise_flooding"]["output_shift_bits"] == 0

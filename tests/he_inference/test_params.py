@@ -268,7 +268,7 @@ def test_flooding_chain_is_scale_59_with_one_spare_level() -> None:
     assert params.coeff_modulus_bits == (60, 59, 59, 59, 59, 60)
     assert (params.poly_modulus_degree, params.scale_bits, params.depth) == (16384, 59, 4)
     assert select_flooding_parameters(4, 512).poly_modulus_degree == 32768  # 475 > 438
-    with pytest.raises(InsecureParametersError, match="without noise flooding"):
+    with pytest.raises(InsecureParametersError, match="--no-noise-flooding"):
         select_flooding_parameters(13, 512)
 
 
