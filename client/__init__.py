@@ -12,6 +12,13 @@ Example::
 """
 
 from client.client import Client, error_from_response
-from client.model import KeyInfo, Model, QueryStats
+from client.model import KeyInfo, Model, PartialResultError, QueryStats
 
-__all__ = ["Client", "KeyInfo", "Model", "QueryStats", "error_from_response"]
+__all__ = [
+    "Client",
+    "KeyInfo",
+    "Model",
+    "PartialResultError",
+    "QueryStats",
+    "error_from_response",
+]

@@ -25,6 +25,10 @@ from he_inference.errors import HEInferenceError, OverloadedError, ServiceError
 logger = logging.getLogger(__name__)
 
 OCTET_STREAM = "application/octet-stream"
+#: Seconds to wait for a response by default: an evaluation at N=32768 can take minutes.
+DEFAULT_TIMEOUT_S = 300.0
+#: Seconds to wait for a connection: a live server accepts at once, however busy it is.
+CONNECT_TIMEOUT_S = 10.0
 
 
 class Client:
@@ -33,7 +37,8 @@ class Client:
     Args:
         url: the server's base URL, for example ``http://127.0.0.1:8000``.
         key_dir: where secret keys are kept; ``~/.he-inference/keys`` by default.
-        timeout: seconds to wait for a response (an evaluation can take minutes).
+        timeout: seconds to wait for each response (an evaluation can take minutes);
+            connecting waits at most ``CONNECT_TIMEOUT_S`` (10 s) of it.
         progress: show a spinner while keys are generated.
         retries: how often a 503 (server busy) is retried after its Retry-After.
         http: an httpx client to send with instead of a new one (tests pass one bound to
@@ -46,7 +51,7 @@ class Client:
         self,
         url: str,
         key_dir: str | Path | None = None,
-        timeout: float = 300.0,
+        timeout: float = DEFAULT_TIMEOUT_S,
         *,
         progress: bool = True,
         retries: int = 3,
@@ -57,8 +62,10 @@ class Client:
         self.key_dir = Path(key_dir).expanduser() if key_dir else DEFAULT_KEY_DIR.expanduser()
         self.progress = progress
         self.retries = retries
+        self.timeout = timeout
         self._owns_http = http is None
-        self.http = http or httpx.Client(base_url=self.url, timeout=timeout)
+        limits = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S))
+        self.http = http or httpx.Client(base_url=self.url, timeout=limits)
         self._auth = {"authorization": f"Bearer {token}"} if token else {}
 
     # -- public -----------------------------------------------------------------------
@@ -95,7 +102,8 @@ class Client:
         """Send a request; an error answer is raised as the server's exception class.
 
         Raises:
-            ServiceError: the server cannot be reached or answered an unexpected error.
+            ServiceError: the server cannot be reached, did not answer in time (504), or
+                answered an unexpected error.
             HEInferenceError: the server refused the request (the class it names).
         """
         if self._auth:
@@ -103,6 +111,21 @@ class Client:
         for attempt in range(self.retries + 1):
             try:
                 response = self.http.request(method, path, **kwargs)
+            except httpx.ConnectTimeout as exc:
+                raise ServiceError(
+                    f"cannot reach the server at {self.url}: no connection within "
+                    f"{min(self.timeout, CONNECT_TIMEOUT_S):g} s; check the URL and that the "
+                    f"server runs",
+                    status_code=504,
+                ) from exc
+            except httpx.TimeoutException as exc:
+                raise ServiceError(
+                    f"the server at {self.url} accepted the connection but did not answer "
+                    f"{method} {path} within {self.timeout:g} s: it may be stuck or busy "
+                    f"with a slow evaluation; retry with a larger --timeout (timeout= in "
+                    f"Client)",
+                    status_code=504,
+                ) from exc
             except httpx.HTTPError as exc:
                 raise ServiceError(f"cannot reach the server at {self.url}: {exc}") from exc
             if response.status_code != 503 or attempt == self.retries:

@@ -9,7 +9,6 @@ diverge quickly beyond them, so it is an error unless the caller asks for a warn
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,8 @@ from he_inference.errors import InputError
 logger = logging.getLogger(__name__)
 
 OUTPUTS = ("logits", "probabilities", "labels")
+#: The output the ONNX model itself ended in, read from the manifest's post-processing.
+AUTO = "auto"
 
 
 def check_queries(
@@ -39,8 +40,9 @@ def check_queries(
         ``stacked`` (``[n, *shape]``) or ``onnx`` (``[n, *shape[1:]]``).
 
     Raises:
-        InputError: the input is not numeric, has the wrong shape, holds NaN or infinity,
-            or leaves the input range (unless ``allow_out_of_range``).
+        InputError: the input is not numeric, has the wrong shape, holds no queries, holds
+            NaN or infinity, or leaves the input range (unless ``allow_out_of_range``, which
+            logs a warning instead).
     """
     array = np.asarray(x)
     if array.dtype == object or not (
@@ -52,7 +54,7 @@ def check_queries(
     shape = layout.shape
     if array.shape == shape:
         form, batch = "single", array.reshape(1, *shape)
-    elif array.ndim == len(shape) + 1 and array.shape[1:] == shape and array.shape[0] > 0:
+    elif array.ndim == len(shape) + 1 and array.shape[1:] == shape:
         form, batch = "stacked", array
     elif shape and shape[0] == 1 and array.ndim == len(shape) and array.shape[1:] == shape[1:]:
         form, batch = "onnx", array.reshape(array.shape[0], *shape)
@@ -64,29 +66,74 @@ def check_queries(
             f"the input has shape {array.shape}: the model takes one query of shape {shape} "
             f"or a batch of shape {' or '.join(forms)}"
         )
+    if not len(batch):
+        raise InputError(
+            f"the input has shape {array.shape}, which holds no queries: pass at least one"
+        )
     batch = batch.astype(np.float64)
 
     finite = np.isfinite(batch)
     if not finite.all():
         index = tuple(int(i) for i in np.argwhere(~finite)[0])
-        raise InputError(f"the input holds {batch[index]} at index {index}: values must be finite")
+        count = int((~finite).sum())
+        others = f" ({count} values in all are not)" if count > 1 else ""
+        raise InputError(
+            f"{_where(index, batch[index], shape, len(batch))}: values must be finite{others}"
+        )
 
     if input_range is not None:
         lower, upper = input_range
         outside = (batch < lower) | (batch > upper)
         if outside.any():
             index = tuple(int(i) for i in np.argwhere(outside)[0])
-            message = (
-                f"the input holds {batch[index]:.6g} at index {index} and {int(outside.sum())} "
-                f"values in all outside the model's calibrated input range [{lower:g}, "
-                f"{upper:g}]: the circuit's polynomials and its modulus are sized for that "
-                f"range; scale the input as in training, or allow it explicitly "
-                f"(allow_out_of_range=True, or --allow-out-of-range on the command line)"
+            count = int(outside.sum())
+            found = (
+                f"{_where(index, batch[index], shape, len(batch))}, outside the model's "
+                f"calibrated input range [{lower:g}, {upper:g}]"
+                + (f" ({count} values in all are)" if count > 1 else "")
             )
             if not allow_out_of_range:
-                raise InputError(message)
-            warnings.warn(message, stacklevel=3)
+                raise InputError(
+                    f"{found}: the circuit's polynomials and its modulus are sized for that "
+                    f"range; scale the input as in training, or allow it explicitly "
+                    f"(allow_out_of_range=True, or --allow-out-of-range on the command line)"
+                )
+            logger.warning(
+                "%s: allowed, but the results may be inaccurate, since the circuit's "
+                "polynomials and its modulus are sized for that range",
+                found,
+            )
     return batch, form
+
+
+def _where(index: tuple[int, ...], value: float, shape: tuple[int, ...], count: int) -> str:
+    """A value and where it sits, as the user indexes it: the query, then its element."""
+    query, element = index[0], index[1:]
+    flat = int(np.ravel_multi_index(element, shape)) if shape else 0
+    who = f"query {query} (of {count})" if count > 1 else "the query"
+    return f"{who} holds {value:.6g} at element {element} of shape {shape} (flat index {flat})"
+
+
+def default_output(steps: list[dict[str, Any]]) -> str:
+    """The output the ONNX model ended in: ``labels`` after ArgMax (or a classifier's
+    labels), ``probabilities`` after Softmax or a logistic, else ``logits``."""
+    ops = {step.get("op") for step in steps}
+    if ops & {"argmax", "zipmap"}:
+        return "labels"
+    if ops & {"softmax", "logsoftmax", "sigmoid"}:
+        return "probabilities"
+    return "logits"
+
+
+def check_output(output: str) -> None:
+    """Refuse an output kind that :func:`postprocess` does not make.
+
+    Raises:
+        InputError: ``output`` is not one of ``auto``, ``logits``, ``probabilities``,
+            ``labels``.
+    """
+    if output not in (AUTO, *OUTPUTS):
+        raise InputError(f"output={output!r}: choose one of {', '.join((AUTO, *OUTPUTS))}")
 
 
 def postprocess(
@@ -102,12 +149,15 @@ def postprocess(
     ops the compiler removed from the end of the model because they are cheap in the clear
     and costly under encryption); its axis, counted on the ONNX output with its batch
     dimension, is used for softmax and argmax alike, the last axis when it names none.
+    ``auto`` makes what the model itself ended in (:func:`default_output`).
 
     Raises:
-        InputError: ``output`` is not one of ``logits``, ``probabilities``, ``labels``.
+        InputError: ``output`` is not one of ``auto``, ``logits``, ``probabilities``,
+            ``labels``.
     """
-    if output not in OUTPUTS:
-        raise InputError(f"output={output!r}: choose one of {', '.join(OUTPUTS)}")
+    check_output(output)
+    if output == AUTO:
+        output = default_output(steps)
     n = outputs.shape[0]
     onnx_batched = bool(out_shape) and out_shape[0] == 1
     # In ONNX's batched form [n, *out_shape[1:]] the manifest's axis means what it says.

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from client.inputs import check_queries, postprocess
+from client.inputs import check_output, check_queries, postprocess
 from client.keys import SECRET_FILES, KeyFolder, KeyRecord
 from he_inference import wire
 from he_inference.backends import Backend, make_backend
 from he_inference.circuit import Layout
-from he_inference.errors import InputError, ServiceError, UnknownKeyError
+from he_inference.errors import HEInferenceError, InputError, ServiceError, UnknownKeyError
 from he_inference.params import CkksParameters
 
 if TYPE_CHECKING:
@@ -40,6 +40,28 @@ logger = logging.getLogger(__name__)
 OCTET_STREAM = "application/octet-stream"
 # Show the spinner only when key generation is still running after this long.
 SPINNER_DELAY_S = 1.0
+
+
+class PartialResultError(ServiceError):
+    """Some round trips of a :meth:`Model.predict` were answered before one failed.
+
+    Attributes:
+        completed: the post-processed results of the first ``answered`` queries, shaped
+            as :meth:`Model.predict` would have returned them for those queries.
+        answered: how many queries have results.
+        total: how many queries were asked for.
+        cause: the error that stopped the rest (also ``__cause__``).
+    """
+
+    def __init__(
+        self, cause: HEInferenceError, completed: np.ndarray, answered: int, total: int
+    ) -> None:
+        status = cause.status_code if isinstance(cause, ServiceError) else 500
+        super().__init__(
+            f"{cause} (only the first {answered} of {total} queries were answered)",
+            status_code=status,
+        )
+        self.cause, self.completed, self.answered, self.total = cause, completed, answered, total
 
 
 @dataclass
@@ -195,24 +217,39 @@ class Model:
         Args:
             x: the queries, checked against the manifest before anything is encrypted.
             output: ``logits`` (decrypted outputs), ``probabilities`` (softmax) or
-                ``labels`` (argmax), along the manifest's post-processing axis.
-            allow_out_of_range: warn instead of refusing values outside the calibrated
-                input range.
+                ``labels`` (argmax), along the manifest's post-processing axis; ``auto``
+                for what the ONNX model itself ended in.
+            allow_out_of_range: log a warning instead of refusing values outside the
+                calibrated input range.
 
         Raises:
-            InputError: the queries do not fit the manifest.
-            HEInferenceError: the server refused a query (the class it names).
+            InputError: the queries do not fit the manifest, or ``output`` is unknown.
+            PartialResultError: a later round trip failed after earlier ones were answered;
+                it carries their results (``completed``) and the error (``cause``).
+            HEInferenceError: the server refused the first round trip (the class it names).
         """
+        check_output(output)
         queries, form = check_queries(
             x, self.input_layout, self.input_range, allow_out_of_range=allow_out_of_range
         )
         self.upload_keys()
         per_set = self.input_layout.batch
         self.last_stats = []
-        results = []
+        results: list[np.ndarray] = []
         for start in range(0, len(queries), per_set):
             group = queries[start : start + per_set]
-            results.append(self._round_trip(group)[: len(group)])
+            try:
+                results.append(self._round_trip(group)[: len(group)])
+            except HEInferenceError as exc:
+                if not results:
+                    raise
+                # A 429 when a token's budget runs out mid-way must not lose the answers
+                # already paid for: they come back with the error.
+                done = np.concatenate(results)
+                completed = postprocess(
+                    done, self.output_layout.shape, form, self.postprocess, output
+                )
+                raise PartialResultError(exc, completed, len(done), len(queries)) from exc
         outputs = np.concatenate(results)
         return postprocess(outputs, self.output_layout.shape, form, self.postprocess, output)
 

@@ -84,11 +84,15 @@ def compile_model(
         InsecureParametersError: no ring degree fits the circuit at the security level.
         BackendUnavailableError: flooding on OpenFHE is asked for and openfhe is missing.
     """
-    if batch < 1 or not 0 < error_budget < 1 or (degree is not None and degree < 1):
+    if batch < 1:
+        raise ConfigurationError(f"batch {batch} (--batch): pass at least 1 query per ciphertext")
+    if not 0 < error_budget < 1:
         raise ConfigurationError(
-            f"batch {batch}, error_budget {error_budget} and degree {degree} must be "
-            f"positive (error_budget below 1)"
+            f"error_budget {error_budget:g} (--error-budget): pass a fraction above 0 and "
+            f"below 1, such as 0.01"
         )
+    if degree is not None and degree < 1:
+        raise ConfigurationError(f"degree {degree} (--degree): pass a degree of at least 1")
     imported = import_model(model)
     verify_model(imported)
 

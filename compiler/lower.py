@@ -441,12 +441,16 @@ def _activation_spec(
                 # degree cap is more useful than a refusal, and the manifest shows its error.
                 fit = approx.fit(fn, lo, hi, max_degree)
                 logger.warning(
-                    "activation %s: no degree <= %d meets the error budget %.3g on "
-                    "[%.4g, %.4g]; using degree %d with max error %.3g (raise max_degree or "
-                    "the budget to silence this)",
+                    "activation %s: no degree <= %d meets the error budget %.3g "
+                    "(--error-budget %g of its peak %.3g) on [%.4g, %.4g]; using degree %d "
+                    "with max error %.3g (to silence this, pass a larger --error-budget, or "
+                    "--degree D for a fixed degree; error_budget= or max_degree= in "
+                    "compile_model)",
                     describe(node),
                     max_degree,
                     error_budget * peak,
+                    error_budget,
+                    peak,
                     lo,
                     hi,
                     max_degree,

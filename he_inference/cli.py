@@ -4,7 +4,9 @@ The compiler, the server and the client are imported inside the commands that us
 so ``he-infer --help`` stays fast and a machine with only the client installed can run the
 client commands. Errors of the library print their message and exit with status 1; a
 traceback is shown only with ``--debug``. The commands parse options and print; the compile
-report is built in :mod:`he_inference.report` and the demo runs in :mod:`he_inference.demo`.
+report is built in :mod:`he_inference.report`, the demo runs in :mod:`he_inference.demo`,
+array files are read and written by :mod:`he_inference.arrays`, and the checks ``serve``
+makes before it starts are in :mod:`he_inference.serving`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from he_inference.arrays import load_array, prepare_output_file, save_array
 from he_inference.demo import run_demo
 from he_inference.errors import ConfigurationError, HEInferenceError, InputError
-from he_inference.report import circuit_report, format_mb, print_report
+from he_inference.report import circuit_report, compile_warnings, format_mb, print_report
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,8 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 F = TypeVar("F", bound=Callable[..., Any])
 _state = {"debug": False}
+# The SDK's default (client.client.DEFAULT_TIMEOUT_S), here so that --help imports no httpx.
+DEFAULT_TIMEOUT_S = 300.0
 
 
 @app.callback()
@@ -85,6 +90,27 @@ def _friendly(command: F) -> F:
 
 
 # -- compile ------------------------------------------------------------------------------
+
+
+#: ``run`` and ``predict`` print the same kinds of result and save them the same way.
+OutputKind = Annotated[
+    str,
+    typer.Option(
+        "--output",
+        help="What to print and save: auto (what the ONNX model ended in: labels after "
+        "ArgMax, probabilities after Softmax, else logits), logits (the raw decrypted "
+        "outputs), probabilities or labels. The file is --save.",
+    ),
+]
+SaveFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--save",
+        "-o",
+        help="Also write the printed results to this .npy file (exactly this name; "
+        "its folder is created).",
+    ),
+]
 
 
 @app.command("compile")
@@ -158,6 +184,7 @@ def compile_command(
         raise ConfigurationError("pass either --degree or --error-budget, not both")
     if report not in ("text", "json"):
         raise ConfigurationError(f"--report {report!r}: choose text or json")
+    _check_backend_name(backend)
     data = load_array(calibration, "x_calib") if calibration else None
     circuit = compile_model(
         model,
@@ -178,6 +205,8 @@ def compile_command(
         console.print_json(json.dumps(summary))
     else:
         print_report(summary, console)
+    for warning in compile_warnings(circuit, data, summary["sizes"], _server_key_limit()):
+        _warn(warning)
 
 
 # -- run ------------------------------------------------------------------------------------
@@ -195,9 +224,8 @@ def run_command(
         ),
     ],
     backend: Annotated[str, typer.Option(help="seal, openfhe or plain (no encryption).")] = "seal",
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write outputs (.npy).")
-    ] = None,
+    output: OutputKind = "auto",
+    save: SaveFile = None,
     allow_out_of_range: Annotated[
         bool,
         typer.Option(
@@ -206,25 +234,32 @@ def run_command(
         ),
     ] = False,
 ) -> None:
-    """Keygen, encrypt, evaluate and decrypt locally, printing outputs and node timings.
+    """Keygen, encrypt, evaluate and decrypt locally, printing results and node timings.
 
-    Example: he-infer run model.hec query.npy --backend seal
+    Example: he-infer run model.hec query.npy --backend seal --output labels --save y.npy
     """
     import time
 
-    from client.inputs import check_queries
+    from client.inputs import check_queries, postprocess
     from he_inference.backends import make_backend
     from he_inference.circuit import Circuit
     from he_inference.evaluate import Evaluator, decrypt_output, encrypt_input
 
+    _check_output(output)
+    _check_backend_name(backend)
+    if save is not None:
+        _check_save(save)
     circuit = Circuit.load(circuit_file)
     circuit.check_backend(backend)
-    queries, _ = check_queries(
-        load_array(inputs, "x_test"),
-        circuit.input_layout,
-        circuit.input_range,
-        allow_out_of_range=allow_out_of_range,
-    )
+    try:
+        queries, form = check_queries(
+            load_array(inputs, "x_test"),
+            circuit.input_layout,
+            circuit.input_range,
+            allow_out_of_range=allow_out_of_range,
+        )
+    except InputError as exc:
+        raise InputError(f"{inputs}: {exc}") from None
     context = make_backend(backend, circuit.params)
     start = time.perf_counter()
     context.generate_keys(circuit.rotation_steps)
@@ -240,9 +275,11 @@ def run_command(
         group = queries[first : first + per_set]
         outputs, timings = evaluator.run(encrypt_input(circuit, context, group))
         results.append(decrypt_output(circuit, context, outputs)[: len(group)])
-    values = np.concatenate(results)
+    values = postprocess(
+        np.concatenate(results), circuit.output_layout.shape, form, circuit.postprocess, output
+    )
     np.set_printoptions(precision=4, suppress=True)
-    console.print(values.reshape(len(values), -1))
+    console.print(values)
     if timings:
         table = Table(title="last query, per node")
         for column in ("node", "kind", "levels", "seconds"):
@@ -250,9 +287,9 @@ def run_command(
         for t in timings:
             table.add_row(t.name, t.kind, f"{t.level_in}->{t.level_out}", f"{t.seconds:.4f}")
         console.print(table)
-    if output:
-        np.save(output, values)
-        console.print(f"wrote {output}")
+    if save is not None:
+        save_array(save, values)
+        console.print(f"wrote {save}")
 
 
 # -- serve ----------------------------------------------------------------------------------
@@ -273,6 +310,13 @@ def serve_command(
     max_concurrency: Annotated[int | None, typer.Option(help="Evaluations at once.")] = None,
     max_queue: Annotated[int, typer.Option(help="Evaluations waiting before 503.")] = 4,
     max_body_mb: Annotated[float, typer.Option(help="Largest query body in MiB.")] = 64.0,
+    max_key_mb: Annotated[
+        float | None,
+        typer.Option(
+            help="Largest evaluation-key upload in MiB (1024 by default; compile reports "
+            "a model's key size and warns above it)."
+        ),
+    ] = None,
     key_ttl_hours: Annotated[
         float, typer.Option(help="Keys expire this long after last use.")
     ] = 168.0,
@@ -288,11 +332,26 @@ def serve_command(
         float | None, typer.Option(help="Queries per second each token may send.")
     ] = None,
 ) -> None:
-    """Serve the circuits of a folder over HTTP (see the API in server/app.py)."""
+    """Serve the circuits of a folder over HTTP until interrupted.
+
+    Endpoints (keys and ciphertexts are binary envelopes, the rest JSON):
+      GET    /v1/models                     the served models
+      GET    /v1/models/NAME                the public manifest
+      POST   /v1/models/NAME/keys           evaluation keys -> key id
+      DELETE /v1/models/NAME/keys/KEY_ID    forget uploaded keys
+      POST   /v1/models/NAME/infer          X-Key-Id + ciphertexts -> ciphertexts
+      GET    /healthz, /readyz, /metrics    probes and Prometheus metrics
+
+    Clients use 'he-infer keygen' and 'he-infer predict', or client.Client in Python.
+
+    Example: he-infer serve --models models --key-store keys --port 8000
+    """
     import uvicorn
 
+    from he_inference.serving import circuit_files, listen, no_models_message
     from server import create_app
 
+    _check_backend_name(backend)
     settings = _server_settings(
         models,
         key_store,
@@ -302,19 +361,30 @@ def serve_command(
         max_body_mb,
         key_ttl_hours,
         key_store_gb,
+        max_key_mb=max_key_mb,
         tokens=tokens,
         token_queries=token_queries,
         token_rate=token_rate,
     )
+    files = circuit_files(models)
     logging.getLogger("server").setLevel(logging.INFO)  # the per-request line
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING)
     application = create_app(settings)
+    served = len(application.state.service.registry.models)
+    if not served:
+        raise ConfigurationError(no_models_message(models, files, backend))
+    # Bound here, before the announcement, so a port in use is said instead of "serving".
+    listener = listen(host, port)
     err_console.print(
-        f"serving {len(application.state.service.registry.models)} models from "
-        f"{models} on http://{host}:{port} ({backend})"
+        f"serving {served} model{'s' if served != 1 else ''} from {models} on "
+        f"http://{host}:{port} ({backend})"
     )
-    uvicorn.run(application, host=host, port=port, access_log=False, log_level="warning")
+    config = uvicorn.Config(application, access_log=False, log_level="warning")
+    try:
+        uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        listener.close()
 
 
 def _server_settings(
@@ -327,6 +397,7 @@ def _server_settings(
     key_ttl_hours: float,
     key_store_gb: float,
     *,
+    max_key_mb: float | None = None,
     tokens: Path | None = None,
     token_queries: int | None = None,
     token_rate: float | None = None,
@@ -346,6 +417,8 @@ def _server_settings(
     }
     if max_concurrency is not None:
         values["max_concurrency"] = max_concurrency
+    if max_key_mb is not None:
+        values["max_key_bytes"] = int(max_key_mb * (1 << 20))
     if tokens is not None:
         values["api_tokens_file"] = tokens.expanduser()
     if token_queries is not None:
@@ -362,6 +435,21 @@ def _server_settings(
 # -- keygen and predict ------------------------------------------------------------------
 
 
+TimeoutOption = Annotated[
+    float,
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        help="How long to wait for each answer of the server (an evaluation at a large ring "
+        "can take minutes); connecting waits at most 10 s.",
+    ),
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(envvar="HE_INFERENCE_TOKEN", help="API token, where the server needs one."),
+]
+
+
 @app.command("keygen")
 @_friendly
 def keygen_command(
@@ -371,15 +459,17 @@ def keygen_command(
         Path | None, typer.Option(help="Key folder (~/.he-inference/keys).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Make new keys even if saved ones fit.")] = False,
-    token: Annotated[
-        str | None,
-        typer.Option(envvar="HE_INFERENCE_TOKEN", help="API token, where the server needs one."),
-    ] = None,
+    token: TokenOption = None,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
 ) -> None:
-    """Generate keys for a served model and upload the evaluation keys (never the secret)."""
+    """Generate keys for a served model and upload the evaluation keys (never the secret).
+
+    Example: he-infer keygen --server http://127.0.0.1:8000 --model digits
+    """
     from client import Client
 
-    with Client(server, key_dir=key_dir, token=token) as connection:
+    _check_timeout(timeout)
+    with Client(server, key_dir=key_dir, token=token, timeout=timeout) as connection:
         handle = connection.model(model)
         info = handle.generate_keys(force=force)
         key_id = handle.upload_keys(force=force)
@@ -402,39 +492,60 @@ def predict_command(
     key_dir: Annotated[
         Path | None, typer.Option(help="Key folder (~/.he-inference/keys).")
     ] = None,
-    output: Annotated[str, typer.Option(help="logits, probabilities or labels.")] = "logits",
+    output: OutputKind = "auto",
+    save: SaveFile = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     allow_out_of_range: Annotated[
         bool, typer.Option(help="Warn instead of refusing inputs outside the calibrated range.")
     ] = False,
-    token: Annotated[
-        str | None,
-        typer.Option(envvar="HE_INFERENCE_TOKEN", help="API token, where the server needs one."),
-    ] = None,
+    token: TokenOption = None,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_S,
 ) -> None:
-    """Encrypt queries, have the server evaluate them, and print the decrypted results."""
-    from client import Client
+    """Encrypt queries, have the server evaluate them, and print the decrypted results.
 
+    When a later round trip fails (say a token's budget runs out), the results already
+    answered are printed and saved first, then the error; the exit status is then 1.
+
+    Example: he-infer predict queries.npy --server http://127.0.0.1:8000 --model digits
+    """
+    from client import Client, PartialResultError
+    from client.inputs import default_output
+
+    _check_output(output)
+    _check_timeout(timeout)
+    if save is not None:
+        _check_save(save)
     x = load_array(inputs, "x_test")
-    with Client(server, key_dir=key_dir, token=token) as connection:
+    failure: PartialResultError | None = None
+    with Client(server, key_dir=key_dir, token=token, timeout=timeout) as connection:
         handle = connection.model(model)
-        result = handle.predict(x, output=output, allow_out_of_range=allow_out_of_range)
+        try:
+            result = handle.predict(x, output=output, allow_out_of_range=allow_out_of_range)
+        except PartialResultError as exc:
+            failure, result = exc, exc.completed
+    kind = default_output(handle.postprocess) if output == "auto" else output
     if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "model": model,
-                    "output": output,
-                    "values": result.tolist(),
-                    "eval_seconds": [s.eval_seconds for s in handle.last_stats],
-                }
-            )
-        )
-        return
-    np.set_printoptions(precision=4, suppress=True)
-    console.print(result)
-    total = sum(s.eval_seconds for s in handle.last_stats)
-    console.print(f"{len(handle.last_stats)} encrypted round trips, {total:.2f} s evaluation")
+        answer: dict[str, Any] = {
+            "model": model,
+            "output": kind,
+            "values": result.tolist(),
+            "eval_seconds": [s.eval_seconds for s in handle.last_stats],
+        }
+        if failure is not None:
+            answer.update(answered=failure.answered, queries=failure.total, error=str(failure))
+        typer.echo(json.dumps(answer))
+    else:
+        np.set_printoptions(precision=4, suppress=True)
+        if failure is not None:
+            console.print(f"{kind} of the first {failure.answered} of {failure.total} queries:")
+        console.print(result)
+        total = sum(s.eval_seconds for s in handle.last_stats)
+        console.print(f"{len(handle.last_stats)} encrypted round trips, {total:.2f} s evaluation")
+    if save is not None:
+        save_array(save, result)
+        (err_console if as_json else console).print(f"wrote {save}")
+    if failure is not None:
+        raise failure
 
 
 # -- demo -----------------------------------------------------------------------------------
@@ -513,20 +624,60 @@ def bench_command(
 # -- helpers ------------------------------------------------------------------------------
 
 
-def load_array(path: Path, key: str) -> np.ndarray:
-    """An array from a .npy file, or from a .npz by key (else its first array).
+def _check_backend_name(backend: str) -> None:
+    """Refuse an unknown backend name before any file is read.
 
     Raises:
-        InputError: the file holds no arrays or is not a numpy file.
+        ConfigurationError: no backend has that name.
     """
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            if not data.files:
-                raise InputError(f"{path} holds no arrays")
-            return np.asarray(data[key] if key in data.files else data[data.files[0]])
-    if path.suffix == ".npy":
-        return np.asarray(np.load(path, allow_pickle=False))
-    raise InputError(f"{path}: give inputs as .npy or .npz")
+    from he_inference.backends import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ConfigurationError(
+            f"--backend {backend}: unknown backend; choose one of {', '.join(sorted(BACKENDS))}"
+        )
+
+
+def _check_output(output: str) -> None:
+    from client.inputs import AUTO, OUTPUTS
+
+    if output not in (AUTO, *OUTPUTS):
+        raise ConfigurationError(f"--output {output}: choose one of {', '.join((AUTO, *OUTPUTS))}")
+
+
+def _check_save(save: Path) -> None:
+    """Refuse a format name given as the file, and make the file's folder before any work.
+
+    Raises:
+        ConfigurationError: ``save`` is a result kind or a folder.
+    """
+    from client.inputs import AUTO, OUTPUTS
+
+    if save.name in (AUTO, *OUTPUTS):
+        raise ConfigurationError(
+            f"-o/--save {save} names the file to write: for the kind of result, pass "
+            f"--output {save.name}"
+        )
+    prepare_output_file(save)
+
+
+def _check_timeout(timeout: float) -> None:
+    if not timeout > 0:
+        raise ConfigurationError(f"--timeout {timeout:g}: give a positive number of seconds")
+
+
+def _warn(message: str) -> None:
+    err_console.print(f"[bold yellow]warning[/]: {message}", highlight=False)
+
+
+def _server_key_limit() -> int | None:
+    """The default evaluation-key upload limit of ``he-infer serve``, where it is installed."""
+    try:
+        from server.settings import Settings
+    except ImportError:
+        return None
+    limit = Settings.model_fields["max_key_bytes"].default
+    return int(limit) if isinstance(limit, int) else None
 
 
 if __name__ == "__main__":

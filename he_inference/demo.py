@@ -23,12 +23,16 @@ def run_demo(backend: str, count: int, activation: str, work_dir: Path, console:
     """Compile, serve on a free local port, query ``count`` digits encrypted, print a table.
 
     Raises:
-        ConfigurationError: the activation has no model in the zoo.
+        ConfigurationError: the count is not positive, or the activation has no model in
+            the zoo.
     """
     import tempfile
     import time
 
     import benchmarks
+
+    if count < 1:
+        raise ConfigurationError(f"--count {count}: send at least one digit")
 
     zoo = Path(benchmarks.__file__).parent / "zoo"
     onnx_path = zoo / f"digits_cnn_{activation}.onnx"
@@ -39,6 +43,8 @@ def run_demo(backend: str, count: int, activation: str, work_dir: Path, console:
         )
     data = np.load(zoo / "digits.npz", allow_pickle=False)
     x_test, y_test = data["x_test"][:count], data["y_test"][:count]
+    if count > len(x_test):
+        console.print(f"the test set holds {len(x_test)} digits: sending all of them")
 
     with console.status("compiling the model"):
         circuit_path = _compiled_circuit(onnx_path, data["x_calib"], work_dir, backend)
@@ -88,10 +94,14 @@ def _onnx_logits(onnx_path: Path, x: np.ndarray) -> np.ndarray:
 
 
 class _local_server:  # noqa: N801 - used as a context manager, named like one
-    """uvicorn on a free 127.0.0.1 port in a daemon thread, over one circuit file."""
+    """uvicorn on a free 127.0.0.1 port in a daemon thread, over one circuit file.
 
-    def __init__(self, root: Path, circuit_path: Path, backend: str) -> None:
+    ``settings`` override the server's (the tests set token budgets through them).
+    """
+
+    def __init__(self, root: Path, circuit_path: Path, backend: str, **settings: Any) -> None:
         self.root, self.circuit_path, self.backend = root, circuit_path, backend
+        self.settings = settings
 
     def __enter__(self) -> str:
         import shutil
@@ -111,6 +121,7 @@ class _local_server:  # noqa: N801 - used as a context manager, named like one
                 "models_dir": models,
                 "key_store_dir": self.root / "server-keys",
                 "backend": self.backend,
+                **self.settings,
             }
         )
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -22,7 +22,9 @@ place (``server/errors.py``)::
     │   └── SecretKeyLeakError          an upload holds a secret key (refused)
     ├── InputError                  a query does not match the model's manifest
     ├── ServiceError                the server refused or failed a request
-    │   └── OverloadedError             the evaluation queue is full; retry later
+    │   ├── OverloadedError             the evaluation queue is full; retry later
+    │   └── PartialResultError          (client.model) a predict stopped part-way; holds
+    │                                   the answers it got
     └── StorageError                the key store or model folder cannot be written or read
 
 ``KeyError_`` carries a trailing underscore so that it never shadows the builtin.

@@ -213,6 +213,47 @@ def print_report(summary: dict[str, Any], console: Console) -> None:
     console.print(f"wrote {summary['file']}")
 
 
+#: Fewer calibration samples than this rarely reach the ranges real inputs take.
+MIN_CALIBRATION_SAMPLES = 16
+
+
+def compile_warnings(
+    circuit: Any,
+    calibration: np.ndarray | None,
+    sizes: dict[str, Any],
+    key_limit: int | None,
+) -> list[str]:
+    """What a compiled circuit may get wrong in use, for the compile command to warn about.
+
+    Args:
+        circuit: the compiled circuit.
+        calibration: the calibration data it was compiled with, if any.
+        sizes: the ``sizes`` of its :func:`circuit_report`.
+        key_limit: the server's default evaluation-key upload limit in bytes, if known.
+    """
+    warnings = []
+    if calibration is not None:
+        per_sample = math.prod(circuit.input_layout.shape) or 1
+        samples = calibration.size // per_sample
+        if samples < MIN_CALIBRATION_SAMPLES:
+            warnings.append(
+                f"the calibration data holds {samples} sample{'s' if samples != 1 else ''}: "
+                f"the activation ranges measured on so few may be too narrow for real "
+                f"inputs, which are then refused as out of range; give at least "
+                f"{MIN_CALIBRATION_SAMPLES} (a few hundred is better)"
+            )
+    key_bytes = int(sizes["evaluation_key_bytes"])
+    if key_limit is not None and key_bytes > key_limit:
+        warnings.append(
+            f"the evaluation keys take {key_bytes / (1 << 20):.0f} MiB ({sizes['how']}), more "
+            f"than the {key_limit / (1 << 20):.0f} MiB a server accepts by default: serve "
+            f"this model with "
+            f"'he-infer serve --max-key-mb {math.ceil(key_bytes * 1.1 / (1 << 20))}' "
+            f"(Settings.max_key_bytes)"
+        )
+    return warnings
+
+
 def format_mb(size: int | float) -> str:
     """A byte count in megabytes (10^6 bytes), two decimals."""
     return f"{size / 1e6:.2f} MB"

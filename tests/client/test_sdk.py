@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import stat
 import warnings
 from collections.abc import Iterator
@@ -13,7 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
-from client import Client
+from client import Client, PartialResultError
+from client.client import CONNECT_TIMEOUT_S
 from client.inputs import check_queries
 from client.model import Model
 from he_inference.circuit import Circuit, Layout
@@ -177,7 +179,6 @@ LAYOUT = Layout((1, 12), 32, 1)
     [
         (np.zeros((1, 11)), "shape"),
         (np.zeros((2, 3, 12)), "shape"),
-        (np.zeros((0, 1, 12)), "shape"),
         (np.array([["a"] * 12]), "dtype"),
         (np.zeros((1, 12), complex), "dtype"),
         (np.array([[None] * 12]), "dtype"),
@@ -190,14 +191,34 @@ def test_malformed_inputs_are_refused(x: np.ndarray, match: str) -> None:
         check_queries(x, LAYOUT, (-1.0, 1.0))
 
 
-def test_out_of_range_values_are_named_or_warned() -> None:
+def test_out_of_range_values_are_named_or_logged(caplog: pytest.LogCaptureFixture) -> None:
     x = np.zeros((1, 12))
     x[0, 7] = 3.5
-    with pytest.raises(InputError, match=r"3\.5 at index \(0, 0, 7\).*\[-1, 1\]"):
+    with pytest.raises(InputError, match=r"3\.5 at element \(0, 7\).*\[-1, 1\]"):
         check_queries(x, LAYOUT, (-1.0, 1.0))
-    with pytest.warns(UserWarning, match="outside the model's calibrated input range"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a log line, not a UserWarning with a source line
         batch, form = check_queries(x, LAYOUT, (-1.0, 1.0), allow_out_of_range=True)
     assert batch.shape == (1, 1, 12) and form == "single"
+    (record,) = [r for r in caplog.records if "calibrated input range" in r.getMessage()]
+    assert record.levelname == "WARNING" and "allowed" in record.getMessage()
+    assert "allow it explicitly" not in record.getMessage()
+
+
+def test_bad_values_are_located_by_query_and_element() -> None:
+    x = np.zeros((3, 12))
+    x[2, 7] = np.nan
+    with pytest.raises(InputError, match=r"query 2 \(of 3\) holds nan at element \(0, 7\)"):
+        check_queries(x, LAYOUT, (-1.0, 1.0))
+    x[2, 7], x[1, 4] = 0.0, -9.0
+    with pytest.raises(InputError, match=r"query 1 \(of 3\) holds -9 at element \(0, 4\).*flat"):
+        check_queries(x, LAYOUT, (-1.0, 1.0))
+
+
+@pytest.mark.parametrize("shape", [(0, 12), (0, 1, 12)])
+def test_an_input_without_queries_says_so(shape: tuple[int, ...]) -> None:
+    with pytest.raises(InputError, match="holds no queries"):
+        check_queries(np.zeros(shape), LAYOUT, (-1.0, 1.0))
 
 
 def test_predict_checks_before_encrypting(tmp_path: Path, models: Models) -> None:
@@ -209,3 +230,34 @@ def test_predict_checks_before_encrypting(tmp_path: Path, models: Models) -> Non
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
             assert model.predict(np.full((1, 12), 2.0), allow_out_of_range=True).shape == (1, 5)
+
+
+# -- failures part-way and servers that never answer --------------------------------------
+
+
+def test_a_later_failure_keeps_the_answered_results(tmp_path: Path, models: Models) -> None:
+    weights = models[MODEL][1]
+    x = queries(3, seed=6)[:, 0]
+    budget = {"api_tokens": {"tok-1234567890abcdef": "alice"}, "max_queries_per_token": 2}
+    with serve(tmp_path, **budget) as http:
+        client = Client(
+            "http://testserver", key_dir=tmp_path / "c", http=http, token="tok-1234567890abcdef"
+        )
+        with pytest.raises(PartialResultError, match="first 2 of 3") as info:
+            client.model(MODEL).predict(x, output="logits")
+    assert (info.value.answered, info.value.total, info.value.status_code) == (2, 3, 429)
+    assert isinstance(info.value.cause, ServiceError) and "budget" in str(info.value.cause)
+    np.testing.assert_allclose(info.value.completed, mlp_reference(weights, x)[:2], atol=1e-9)
+
+
+def test_a_server_that_never_answers_times_out_with_advice(tmp_path: Path) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel accepts connections; nothing ever reads or answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with Client(url, key_dir=tmp_path, timeout=0.5) as client:
+            assert client.http.timeout.connect == 0.5
+            with pytest.raises(ServiceError, match=r"did not answer .* within 0\.5 s.*--timeout"):
+                client.models()
+    with Client(url, key_dir=tmp_path) as client:
+        assert client.http.timeout.connect == CONNECT_TIMEOUT_S

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler import compile_model
-from he_inference.errors import InvalidModelError, UnsupportedModelError
+from he_inference.errors import ConfigurationError, InvalidModelError, UnsupportedModelError
 
 
 def _model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
@@ -139,3 +139,25 @@ def test_activations_without_ranges_ask_for_calibration() -> None:
 
     with pytest.raises(ConfigurationError, match="calibration"):
         compile_model(_relu_model())
+
+
+def test_a_budget_no_degree_meets_warns_with_the_options_to_change(caplog) -> None:  # type: ignore[no-untyped-def]
+    compile_model(_relu_model(), input_range=(-1, 1), error_budget=1e-4, max_degree=3)
+    (message,) = [r.getMessage() for r in caplog.records if "no degree <=" in r.getMessage()]
+    assert "--error-budget" in message and "--degree" in message
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"batch": 0}, "batch 0"),
+        ({"error_budget": 1.5}, "error_budget 1.5"),
+        ({"degree": 0}, "degree 0"),
+    ],
+)
+def test_an_option_out_of_range_is_named_alone(options, named) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigurationError) as info:
+        compile_model(_relu_model(), input_range=(-1, 1), **options)
+    message = str(info.value)
+    assert message.startswith(named)
+    assert sum(word in message for word in ("batch", "error_budget", "degree")) == 1
