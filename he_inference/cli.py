@@ -259,7 +259,8 @@ def run_command(
             allow_out_of_range=allow_out_of_range,
         )
     except InputError as exc:
-        raise InputError(f"{inputs}: {exc}") from None
+        # load_array's errors name the file already; the manifest checks' do not.
+        raise (exc if str(inputs) in str(exc) else InputError(f"{inputs}: {exc}")) from None
     context = make_backend(backend, circuit.params)
     start = time.perf_counter()
     context.generate_keys(circuit.rotation_steps)

@@ -153,7 +153,7 @@ class TokenGuard:
         if scheme.lower() != "bearer" or not token.strip():
             raise ServiceError(
                 "this server requires an API token: send 'Authorization: Bearer <token>' "
-                "(Client(url, token=...))",
+                "(he-infer keygen/predict --token, or Client(url, token=...))",
                 401,
             )
         name = self._names.get(_digest(token.strip()))

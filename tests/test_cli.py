@@ -414,6 +414,7 @@ def test_bad_input_files_are_one_line_input_errors_naming_the_file(tmp_path: Pat
         assert result.exit_code == 1, (name, result.output)
         line = result.output.replace("\n", "")
         assert "InputError" in line and name in line and message in line, (name, line)
+        assert line.count(name) == 1, (name, line)  # named once, not "f: f is ..."
         assert "allow_pickle" not in line and "concatenate" not in line, (name, line)
     model = tmp_path / "m.onnx"
     model.write_bytes(b"x")
