@@ -52,7 +52,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from he_inference import errors, wire
 from he_inference.backends import Backend, make_backend
@@ -297,25 +298,18 @@ def worker_main() -> None:
     """The worker's body: read the order, cap memory, read the envelope, load, answer."""
     order = json.loads(sys.stdin.buffer.readline())
     limit_address_space(int(order["memory_bytes"]))
-    answer: dict[str, object]
-    try:
-        backend = make_backend(str(order["backend"]), CkksParameters.from_dict(order["params"]))
+    backend_name = str(order["backend"])
+
+    def load() -> None:
+        backend = make_backend(backend_name, CkksParameters.from_dict(order["params"]))
         backend.load_keys(wire.decode_evaluation_keys(backend, sys.stdin.buffer.read()))
-        answer = {"ok": True}
-    except HEInferenceError as exc:
-        answer = {"error": type(exc).__name__, "detail": str(exc)}
-    except MemoryError:
-        answer = {
-            "error": "MalformedPayloadError",
-            "detail": "the evaluation keys asked their parser for more memory than keys of "
-            "this size need: they are malformed; generate them from this model's manifest",
-        }
-    except Exception as exc:  # the C++ parsers signal bad bytes with their own types
-        answer = {
-            "error": "MalformedPayloadError",
-            "detail": f"the evaluation keys do not load on the {order['backend']} backend "
-            f"({type(exc).__name__}: {str(exc)[:200]})",
-        }
+
+    answer = trial_parse(
+        load,
+        what="the evaluation keys",
+        backend_name=backend_name,
+        fix="they are malformed; generate them from this model's manifest",
+    )
     sys.stdout.write(json.dumps(answer) + "\n")
     sys.stdout.flush()
 
@@ -354,22 +348,51 @@ def query_worker_main() -> None:
     while line := sys.stdin.buffer.readline():
         order = json.loads(line)
         data = sys.stdin.buffer.read(int(order["size"]))
-        answer: dict[str, object]
-        try:
-            wire.decode_ciphertexts(
-                context(order), data, int(order["max_count"]), model=str(order["model"])
-            )
-            answer = {"ok": True}
-        except HEInferenceError as exc:
-            answer = {"error": type(exc).__name__, "detail": str(exc)}
-        except MemoryError:
-            answer = {
-                "error": "MalformedPayloadError",
-                "detail": "the query asked its parser for more memory than ciphertexts of "
-                "this size need: it is malformed; encrypt with this model's manifest",
-            }
+        answer = trial_parse(
+            _decode_query,
+            context,
+            order,
+            data,
+            what="the query",
+            backend_name=str(order["backend"]),
+            fix="it is malformed; encrypt with this model's manifest",
+        )
         answers.write(json.dumps(answer) + "\n")
         answers.flush()
+
+
+def _decode_query(
+    context: Callable[[dict[str, Any]], Backend], order: dict[str, Any], data: bytes
+) -> None:
+    wire.decode_ciphertexts(
+        context(order), data, int(order["max_count"]), model=str(order["model"])
+    )
+
+
+def trial_parse(
+    load: Callable[..., object], *args: object, what: str, backend_name: str, fix: str
+) -> dict[str, object]:
+    """A worker's one-line answer for ``load(*args)``: ok, or the error the upload gets.
+
+    The library's own errors keep their class; running out of the capped memory and the
+    C++ parsers' own exception types become ``MalformedPayloadError``.
+    """
+    try:
+        load(*args)
+    except HEInferenceError as exc:
+        return {"error": type(exc).__name__, "detail": str(exc)}
+    except MemoryError:
+        return {
+            "error": "MalformedPayloadError",
+            "detail": f"{what} asked the parser for more memory than this size needs: {fix}",
+        }
+    except Exception as exc:  # the C++ parsers signal bad bytes with their own types
+        return {
+            "error": "MalformedPayloadError",
+            "detail": f"{what} did not load on the {backend_name} backend "
+            f"({type(exc).__name__}: {str(exc)[:200]})",
+        }
+    return {"ok": True}
 
 
 def limit_address_space(extra_bytes: int) -> None:
