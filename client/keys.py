@@ -14,12 +14,12 @@ import json
 import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from he_inference.errors import StorageError
+from he_inference.files import write_private
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ class KeyFolder:
         try:
             self._make_private_dirs()
             for name, data in secret.items():
-                _write_private(self.path / name, data)
-            _write_private(self.path / ENVELOPE_FILE, envelope)
+                write_private(self.path / name, data)
+            write_private(self.path / ENVELOPE_FILE, envelope)
             self.save_record(record)
         except OSError as exc:
             raise StorageError(f"cannot write keys to {self.path}: {exc.strerror}") from exc
@@ -97,7 +97,7 @@ class KeyFolder:
 
     def save_record(self, record: KeyRecord) -> None:
         """Rewrite ``keys.json`` (after an upload)."""
-        _write_private(self.path / META_FILE, json.dumps(record.to_dict(), indent=1).encode())
+        write_private(self.path / META_FILE, json.dumps(record.to_dict(), indent=1).encode())
 
     def _make_private_dirs(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -107,20 +107,3 @@ class KeyFolder:
             if folder == self.root or folder.parent == folder:
                 break
             folder = folder.parent
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise

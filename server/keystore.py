@@ -24,7 +24,6 @@ which listens for evictions so that a removed key is also dropped from memory.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -32,13 +31,13 @@ import re
 import signal
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from he_inference.errors import ServiceError, StorageError, UnknownKeyError
+from he_inference.files import write_private
 
 logger = logging.getLogger(__name__)
 
@@ -251,28 +250,11 @@ class KeyStore:
 
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+        kill = _die_halfway if os.environ.get(KILL_IN_WRITE_ENV) == "1" else None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(data)
-                if os.environ.get(KILL_IN_WRITE_ENV) == "1":
-                    _die_halfway(fd, view)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)  # makes the rename itself durable
-            finally:
-                os.close(dir_fd)
+            write_private(path, data, tmp_suffix=TMP_SUFFIX, before_write=kill)
         except OSError as exc:
-            with contextlib.suppress(OSError):  # ENOTDIR/EROFS: there is no file to remove
-                tmp.unlink(missing_ok=True)
             logger.error("cannot write keys %s: %s", path, exc.strerror)
             # The message goes to the client (507), so it names the key, not the server's path.
             raise StorageError(
