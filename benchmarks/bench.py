@@ -121,7 +121,7 @@ def run_bench(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": str(model),
         "settings": {"repeat": repeat, "count": count, "batch": batch, "backends": names},
-        "machine": _machine(),
+        "machine": machine(),
         "versions": _versions(),
         "backends": {},
         "server": None,
@@ -596,13 +596,18 @@ def _circuit_facts(circuit: Circuit) -> dict[str, Any]:
     }
 
 
-def _machine() -> dict[str, Any]:
-    return {
+def machine(load_before: tuple[float, float, float] | None = None) -> dict[str, Any]:
+    """The machine a benchmark ran on, with the load averages around it when given."""
+    info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
     }
+    if load_before is not None:
+        info["load_average_before"] = load_before
+        info["load_average_after"] = os.getloadavg()
+    return info
 
 
 def _versions() -> dict[str, str | None]:

@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.bench import machine
 
 logger = logging.getLogger(__name__)
 
@@ -532,13 +533,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "orion_count": args.orion_count,
             "agreement_count": total,
         },
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-        },
+        "machine": machine(load_before),
         "systems": systems,
         "ratios": compute_ratios(systems),
     }

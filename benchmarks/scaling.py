@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from benchmarks.bench import machine
 
 RESULTS = Path(__file__).parent / "results"
 OUTPUTS = 10
@@ -269,13 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": args.repeat,
         "base": BASE,
         "ring_model": RING_MODEL,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-        },
+        "machine": machine(load_before),
         "wall_s": time.perf_counter() - start,
         "sweeps": results,
     }
