@@ -251,16 +251,13 @@ def run_command(
         _check_save(save)
     circuit = Circuit.load(circuit_file)
     circuit.check_backend(backend)
+    array = load_array(inputs, "x_test")  # its errors name the file
     try:
         queries, form = check_queries(
-            load_array(inputs, "x_test"),
-            circuit.input_layout,
-            circuit.input_range,
-            allow_out_of_range=allow_out_of_range,
+            array, circuit.input_layout, circuit.input_range, allow_out_of_range=allow_out_of_range
         )
     except InputError as exc:
-        # load_array's errors name the file already; the manifest checks' do not.
-        raise (exc if str(inputs) in str(exc) else InputError(f"{inputs}: {exc}")) from None
+        raise InputError(f"{inputs}: {exc}") from None
     context = make_backend(backend, circuit.params)
     start = time.perf_counter()
     context.generate_keys(circuit.rotation_steps)
